@@ -1,0 +1,305 @@
+"""ViT / DeiT in flax.linen, numerically equal to timm's VisionTransformer.
+
+The encoder blocks run on a `TokenState` (lvtp_jax.tokens), so pruning
+policies can shrink the buffer between blocks without touching the model.
+Parameter names follow timm's module names (`blocks_3/attn/qkv/kernel` is
+timm's `blocks.3.attn.qkv.weight`, transposed), which keeps the converter a
+rename plus transposes.
+
+Numerics that matter for parity with timm (../shared/specs/weights_and_data.md
+§1.3): exact (erf) GELU, LayerNorm eps 1e-6 with two-pass variance, q scaled
+by head_dim**-0.5 before q @ k^T, class (and dist) token with their own rows
+of `pos_embed`, logits from the CLS token, distilled models averaging both
+heads.
+"""
+
+from typing import Any, Dict, FrozenSet, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvtp_jax.models import posemb as posemb_lib
+from lvtp_jax.tokens import state as ts
+
+# name -> (width, depth, num_heads, mlp_dim)
+VARIANTS = {
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+}
+PATCH_SIZES = (8, 16, 32)
+
+# Signals an attention layer can hand to a pruning policy. Each is computed
+# only when asked for (a static set), so unused ones cost nothing.
+SIGNALS = frozenset({
+    'cls_attn',  # [B, H, K] attention of the CLS query over all slots
+    'attn',      # [B, H, K, K] full attention map
+    'keys',      # [B, K, H, hd] attention keys
+})
+
+_NEG = -1e30  # masked logit: exp underflows to exactly 0 in float32
+
+
+def variant_fields(variant: str) -> Dict[str, int]:
+  """'S/16' -> dict(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16)."""
+  try:
+    name, patch = variant.split('/')
+    width, depth, heads, mlp = VARIANTS[name]
+    patch = int(patch)
+  except (ValueError, KeyError):
+    raise ValueError(
+        f'unknown ViT variant {variant!r}; expected "<size>/<patch>" with size '
+        f'in {sorted(VARIANTS)} and patch in {PATCH_SIZES}, e.g. "S/16".'
+    ) from None
+  if patch not in PATCH_SIZES:
+    raise ValueError(f'patch size {patch} in variant {variant!r} is not one of '
+                     f'{PATCH_SIZES}.')
+  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
+              patch_size=patch)
+
+
+def check_images(images: jax.Array, patch_size: Optional[int]) -> None:
+  """Raises a ValueError naming the problem when images are not usable."""
+  if images.ndim != 4:
+    raise ValueError(f'images must be [B, H, W, 3] (NHWC), got shape '
+                     f'{tuple(images.shape)}.')
+  if images.shape[-1] != 3:
+    raise ValueError(
+        f'images must have 3 channels last (NHWC), got shape '
+        f'{tuple(images.shape)}; transpose NCHW input with x.transpose(0, 2, 3, 1).')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(
+        f'images must be floating point, normalized as the checkpoint expects '
+        f'(mean/std), got dtype {images.dtype}; convert uint8 with '
+        'lvtp_jax.data.classification.normalize or (x / 255 - mean) / std.')
+  if patch_size is not None:
+    h, w = images.shape[1:3]
+    if h % patch_size or w % patch_size:
+      raise ValueError(
+          f'image size {h}x{w} is not divisible by the patch size '
+          f'{patch_size}; resize or pad the images to a multiple of '
+          f'{patch_size} (e.g. {h // patch_size * patch_size}x'
+          f'{w // patch_size * patch_size}).')
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (timm's DropPath); identity when not training."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> tokens (timm's PatchEmbed.proj conv)."""
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    """images [B, H, W, 3] -> [B, H/p, W/p, D]."""
+    p = self.patch_size
+    return nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID',
+                   dtype=self.dtype, name='proj')(images)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over a token buffer with a key mask."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, valid, log_size, *, masked: bool,
+               want: FrozenSet[str]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """x: [B, K, D]; valid: [B, K]; log_size: [B, K] or None."""
+    b, k, d = x.shape
+    h = self.num_heads
+    hd = d // h
+    qkv = nn.Dense(3 * d, dtype=self.dtype, name='qkv')(x)
+    qkv = qkv.reshape(b, k, 3, h, hd)
+    q, key, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * (hd ** -0.5)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, key)
+    if log_size is not None:
+      logits = logits + log_size[:, None, None, :].astype(logits.dtype)
+    if masked:
+      logits = jnp.where(valid[:, None, None, :], logits, _NEG)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    attn = attn.astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, k, d)
+    out = nn.Dense(d, dtype=self.dtype, name='proj')(out)
+    signals = {}
+    if 'cls_attn' in want:
+      signals['cls_attn'] = attn[:, :, 0, :]
+    if 'attn' in want:
+      signals['attn'] = attn
+    if 'keys' in want:
+      signals['keys'] = key
+    return out, signals
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, name='fc2')(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block on a TokenState."""
+  num_heads: int
+  mlp_dim: int
+  ln_eps: float = 1e-6
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, state: ts.TokenState, *, masked: bool = False,
+               proportional: bool = False, want: FrozenSet[str] = frozenset(),
+               train: bool = False):
+    """Returns (new_state, signals); `masked`/`proportional`/`want` are static.
+
+    masked: apply the key mask from `state.valid` (False only when every slot
+      is known to be valid, which saves a select per attention logit).
+    proportional: add log(size) to the attention logits (ToMe's proportional
+      attention).
+    want: subset of SIGNALS to return.
+    """
+    unknown = set(want) - SIGNALS
+    if unknown:
+      raise ValueError(f'unknown attention signals {sorted(unknown)}; '
+                       f'known: {sorted(SIGNALS)}.')
+    norm = lambda name: nn.LayerNorm(
+        epsilon=self.ln_eps, use_fast_variance=False, dtype=self.dtype,
+        name=name)
+    log_size = jnp.log(jnp.maximum(state.size, 1.0)) if proportional else None
+    y, signals = Attention(self.num_heads, dtype=self.dtype, name='attn')(
+        norm('norm1')(state.x), state.valid, log_size, masked=masked,
+        want=frozenset(want))
+    x = state.x + DropPath(self.drop_path)(y, train)
+    y = Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(x))
+    x = x + DropPath(self.drop_path)(y, train)
+    return state.replace(x=x), signals
+
+
+class ViT(nn.Module):
+  """Vision Transformer / DeiT classifier.
+
+  `apply({'params': p}, images)` with float32 NHWC images, normalized as the
+  checkpoint expects, returns logits [B, num_classes] (timm eval mode).
+  """
+  width: int = 384                 # token dimension D
+  depth: int = 12                  # number of blocks
+  num_heads: int = 6               # attention heads (head dim = D / heads)
+  mlp_dim: int = 1536              # hidden size of the block MLP
+  patch_size: int = 16             # square patch side in pixels
+  img_size: int = 224              # image side the stored pos_embed grid is for
+  num_classes: int = 1000          # 0: no head, return the pooled features
+  distilled: bool = False          # DeiT distillation token and second head
+  ln_eps: float = 1e-6             # timm 1e-6; Segmenter checkpoints 1e-5
+  posemb_resize: str = 'bicubic'   # see posemb.METHODS; used when the grid differs
+  drop_path_rate: float = 0.0      # stochastic depth, linear over the blocks
+  dtype: Any = jnp.float32         # compute dtype (params stay float32)
+
+  @property
+  def num_prefix(self) -> int:
+    return 2 if self.distilled else 1
+
+  @property
+  def grid(self) -> Tuple[int, int]:
+    return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+  def setup(self):
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads '
+                       f'{self.num_heads}.')
+    d = self.width
+    self.patch_embed = PatchEmbed(d, self.patch_size, dtype=self.dtype,
+                                  name='patch_embed')
+    init = nn.initializers.normal(0.02)
+    self.cls_token = self.param('cls_token', nn.initializers.zeros, (1, 1, d))
+    if self.distilled:
+      self.dist_token = self.param('dist_token', init, (1, 1, d))
+    n = self.grid[0] * self.grid[1]
+    self.pos_embed = self.param('pos_embed', init, (1, self.num_prefix + n, d))
+    self.blocks = [
+        Block(self.num_heads, self.mlp_dim, self.ln_eps,
+              self.drop_path_rate * i / max(self.depth - 1, 1),
+              dtype=self.dtype, name=f'blocks_{i}')
+        for i in range(self.depth)]
+    self.norm = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False,
+                             dtype=self.dtype, name='norm')
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, dtype=self.dtype, name='head')
+      if self.distilled:
+        self.head_dist = nn.Dense(self.num_classes, dtype=self.dtype,
+                                  name='head_dist')
+
+  def embed(self, images: jax.Array) -> Tuple[ts.TokenState, Tuple[int, int]]:
+    """images [B, H, W, 3] -> (TokenState with K = prefix + (H/p)(W/p), grid)."""
+    check_images(images, self.patch_size)
+    x = self.patch_embed(images.astype(self.dtype))
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
+    prefix = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
+    x = jnp.concatenate(prefix + [x], axis=1)
+    pe = posemb_lib.resample_posemb(self.pos_embed, self.num_prefix, (gh, gw),
+                                    self.posemb_resize, old_hw=self.grid)
+    x = x + pe.astype(x.dtype)
+    return ts.init_state(x, self.num_prefix), (gh, gw)
+
+  def run_block(self, i: int, state: ts.TokenState, **kw):
+    """Block i on a TokenState; see Block.__call__ for the keywords."""
+    return self.blocks[i](state, **kw)
+
+  def pool(self, x: jax.Array) -> jax.Array:
+    """Final-normed tokens [B, K, D] -> logits [B, C] (or features [B, D])."""
+    if not self.num_classes:
+      return x[:, 0]
+    logits = self.head(x[:, 0])
+    if self.distilled:
+      # timm VisionTransformerDistilled: mean of both heads unless
+      # distilled_training (never used at evaluation).
+      logits = (logits + self.head_dist(x[:, 1])) / 2
+    return logits
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               return_aux: bool = False):
+    """images [B, H, W, 3] -> logits [B, C] (and aux dict if return_aux).
+
+    aux: 'tokens' [B, K, D] final-normed tokens, 'valid_tokens' [B, depth]
+    valid slots entering each block (what effective FLOPs are counted from).
+    """
+    state, _ = self.embed(images)
+    valid_counts = []
+    for i in range(self.depth):
+      valid_counts.append(state.valid.sum(axis=1))
+      state, _ = self.run_block(i, state, train=train)
+    x = self.norm(state.x)
+    logits = self.pool(x)
+    if not return_aux:
+      return logits
+    aux = dict(tokens=x, valid_tokens=jnp.stack(valid_counts, axis=1))
+    return logits, aux
+
+
+def create_vit(variant: str = 'S/16', **kw) -> ViT:
+  """ViT from a variant name ('Ti/16', 'S/16', 'B/8', 'L/16', ...) plus overrides."""
+  fields = variant_fields(variant)
+  fields.update(kw)
+  return ViT(**fields)

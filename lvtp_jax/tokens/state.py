@@ -1,0 +1,183 @@
+"""The fixed-size token buffer that flows between encoder blocks (DESIGN §1).
+
+XLA compiles static shapes, so a pruned token only saves work once it is out
+of the buffer. Every function here keeps shapes a function of Python ints:
+the buffer size K of the result is always an argument, never a traced value.
+
+Vocabulary used across the codebase:
+  slot      one row of the buffer, holding a prefix token (CLS, dist) or a
+            (possibly merged) patch token.
+  capacity  the static number of slots K of a buffer.
+  src       for every original patch, the slot that represents it now, or -1
+            when the patch has left the encoder (exited with a prediction).
+"""
+
+from typing import Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TokenState:
+  """Tokens still being computed, plus the bookkeeping to reassemble patches.
+
+  Attributes:
+    x: [B, K, D] features; prefix tokens (CLS, dist) occupy the first slots.
+    valid: [B, K] bool; False marks an empty slot (padding), masked as an
+      attention key and ignored by every policy.
+    size: [B, K] float32; how many original patches the slot stands for (1 at
+      the start, merges add up; prefix slots count 1).
+    src: [B, N] int32; slot index of every original patch, or -1.
+  """
+  x: jax.Array
+  valid: jax.Array
+  size: jax.Array
+  src: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.x.shape[1]
+
+  @property
+  def num_patches(self) -> int:
+    return self.src.shape[1]
+
+
+def init_state(x: jax.Array, num_prefix: int) -> TokenState:
+  """Wraps freshly embedded tokens [B, num_prefix + N, D] in a TokenState."""
+  b, k, _ = x.shape
+  n = k - num_prefix
+  src = jnp.broadcast_to(jnp.arange(num_prefix, k, dtype=jnp.int32), (b, n))
+  return TokenState(
+      x=x,
+      valid=jnp.ones((b, k), bool),
+      size=jnp.ones((b, k), jnp.float32),
+      src=src)
+
+
+def _take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
+  """a: [B, K, ...], idx: [B, M] -> [B, M, ...]."""
+  idx = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+  return jnp.take_along_axis(a, idx, axis=1)
+
+
+def remap_src(src: jax.Array, old_to_new: jax.Array) -> jax.Array:
+  """Composes the patch->slot map with a slot->slot map.
+
+  Args:
+    src: [B, N] slot of each patch in the old buffer, or -1.
+    old_to_new: [B, K_old] new slot of each old slot, or -1 when the old slot
+      did not survive.
+
+  Returns:
+    [B, N] slot of each patch in the new buffer, or -1.
+  """
+  new = jnp.take_along_axis(old_to_new, jnp.maximum(src, 0), axis=1)
+  return jnp.where(src >= 0, new, -1)
+
+
+def gather(state: TokenState, idx: jax.Array,
+           idx_valid: jax.Array = None) -> TokenState:
+  """Builds a buffer of the slots `idx` of `state`, in the order given.
+
+  Args:
+    state: buffer of capacity K.
+    idx: [B, M] int32 slot indices into `state`; M is the new capacity. An
+      index may appear only once among the entries marked valid.
+    idx_valid: optional [B, M] bool; False entries become empty slots and do
+      not claim the patches of the slot they point at.
+
+  Returns:
+    A TokenState of capacity M. Patches whose slot is not gathered get
+    src = -1 (they left the encoder); callers that keep them elsewhere (an exit
+    canvas, a fused token) record that before gathering.
+  """
+  b, k = state.valid.shape
+  m = idx.shape[1]
+  idx = idx.astype(jnp.int32)
+  if idx_valid is None:
+    idx_valid = jnp.ones(idx.shape, bool)
+  valid = _take_rows(state.valid, idx) & idx_valid
+  # Inverse map old slot -> new slot. Entries that are not valid are sent to
+  # a dummy column K so they cannot overwrite a real one.
+  target = jnp.where(valid, idx, k)
+  new_pos = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
+  old_to_new = jnp.full((b, k + 1), -1, jnp.int32)
+  old_to_new = old_to_new.at[jnp.arange(b)[:, None], target].set(new_pos)
+  return TokenState(
+      x=_take_rows(state.x, idx),
+      valid=valid,
+      size=jnp.where(valid, _take_rows(state.size, idx), 0.0),
+      src=remap_src(state.src, old_to_new[:, :k]))
+
+
+def scatter(values: jax.Array, idx: jax.Array, base: jax.Array) -> jax.Array:
+  """Writes rows back where `gather` took them from (the inverse of gather).
+
+  Args:
+    values: [B, M, ...] rows of a gathered buffer.
+    idx: [B, M] the slot indices that were used to gather.
+    base: [B, K, ...] the array to write into (rows not in `idx` are kept).
+
+  Returns:
+    [B, K, ...] `base` with base[b, idx[b, m]] = values[b, m].
+  """
+  b = idx.shape[0]
+  return base.at[jnp.arange(b)[:, None], idx].set(values)
+
+
+def compact(state: TokenState, keep: jax.Array, capacity: int,
+            num_prefix: int) -> Tuple[TokenState, jax.Array, jax.Array]:
+  """Moves the kept slots, in their current order, into a smaller buffer.
+
+  The prefix slots are always kept and stay first. When more slots are kept
+  than fit, the ones that come last in buffer order do not make it; they are
+  reported so the caller can apply its overflow rule (and count it).
+
+  Args:
+    state: buffer of capacity K.
+    keep: [B, K] bool; slots to keep (empty slots are never kept).
+    capacity: static new capacity M (num_prefix <= M <= K).
+    num_prefix: number of prefix slots at the front of the buffer.
+
+  Returns:
+    (new_state, idx, overflow): `idx` [B, M] the old slot of every new slot
+    (use it with `scatter`), `overflow` [B, K] bool, kept slots that did not
+    fit.
+  """
+  b, k = keep.shape
+  if not num_prefix <= capacity <= k:
+    raise ValueError(
+        f'capacity must lie in [num_prefix={num_prefix}, K={k}], got '
+        f'{capacity}; set the stage capacity in config.pruning accordingly.')
+  is_prefix = jnp.arange(k) < num_prefix
+  keep = (keep | is_prefix[None]) & state.valid
+  # Stable order: kept slots first in their current order, then the rest.
+  pos = jnp.arange(k, dtype=jnp.int32)[None]
+  order = jnp.argsort(jnp.where(keep, pos, pos + k), axis=1)
+  idx = order[:, :capacity].astype(jnp.int32)
+  n_keep = keep.sum(axis=1, keepdims=True)
+  idx_valid = jnp.arange(capacity)[None] < n_keep
+  new_state = gather(state, idx, idx_valid)
+  rank = jnp.cumsum(keep, axis=1) - 1
+  overflow = keep & (rank >= capacity)
+  return new_state, idx, overflow
+
+
+def patch_values(values: jax.Array, src: jax.Array,
+                 fill: float = 0.0) -> jax.Array:
+  """Reassembles per-slot values into per-patch values ("unmerge").
+
+  Args:
+    values: [B, K, ...] one row per slot.
+    src: [B, N] slot of every patch, or -1.
+    fill: value for patches with src = -1.
+
+  Returns:
+    [B, N, ...] the row of the slot that represents each patch.
+  """
+  out = _take_rows(values, jnp.maximum(src, 0))
+  mask = (src >= 0).reshape(src.shape + (1,) * (values.ndim - 2))
+  return jnp.where(mask, out, fill)
