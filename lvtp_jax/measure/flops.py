@@ -1,0 +1,76 @@
+"""The two FLOP counts of DESIGN §2.
+
+realized   what the compiled program does: XLA's cost analysis of the jitted
+           forward on one device. The encoder is a Python loop over blocks
+           (no scan), so every block is counted; XLA counts 2 FLOPs per
+           multiply-accumulate and also counts elementwise work (softmax,
+           LayerNorm, GELU), so it sits slightly above the matmul count.
+effective  what an ideal ragged implementation would do: multiply-accumulates
+           counted analytically from the number of valid tokens entering each
+           block, per image. Only matmuls and the patch-embedding conv are
+           counted, like fvcore and the papers' tables.
+
+Papers report MACs as "GFLOPs". lvtp_jax reports GFLOPs = 2 x MACs / 1e9
+everywhere (results.json, README), and says so.
+"""
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def block_macs(tokens, width: int, mlp_dim: int):
+  """MACs of one pre-norm transformer block on `tokens` tokens.
+
+  qkv (3 D^2) + output projection (D^2) + MLP (2 D mlp) per token, plus
+  q @ k^T and attn @ v (2 K^2 D) over the K tokens.
+  """
+  k = np.asarray(tokens, np.float64)
+  return k * (4 * width * width + 2 * width * mlp_dim) + 2 * k * k * width
+
+
+def vit_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
+  """Analytic MACs per image of a ViT classifier forward.
+
+  Args:
+    model: a lvtp_jax ViT (reads width, mlp_dim, depth, patch_size,
+      num_classes, distilled).
+    image_hw: (H, W) of the input.
+    tokens_per_block: [..., depth] tokens entering each block (valid tokens
+      for the effective count, buffer capacities for the static count);
+      default: no pruning, every block sees prefix + all patches.
+
+  Returns:
+    MACs with the leading shape of `tokens_per_block` (a scalar by default).
+  """
+  p = model.patch_size
+  n = (image_hw[0] // p) * (image_hw[1] // p)
+  if tokens_per_block is None:
+    tokens_per_block = np.full((model.depth,), n + model.num_prefix)
+  tokens = np.asarray(tokens_per_block, np.float64)
+  if tokens.shape[-1] != model.depth:
+    raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
+                     f'last axis, the model has {model.depth} blocks.')
+  embed = n * 3 * p * p * model.width
+  heads = model.num_classes * model.width * (2 if model.distilled else 1)
+  blocks = block_macs(tokens, model.width, model.mlp_dim).sum(axis=-1)
+  return embed + blocks + heads
+
+
+def xla_flops(fn: Callable, *args) -> float:
+  """FLOPs XLA's cost analysis reports for jit(fn)(*args) on one device."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
+    cost = cost[0]
+  flops = float(cost.get('flops', -1.0))
+  if flops < 0:
+    raise RuntimeError('XLA cost analysis reported no FLOP count for this '
+                       'program on this backend.')
+  return flops
+
+
+def realized_gflops(fn: Callable, *args, batch_size: int) -> float:
+  """XLA-counted GFLOPs (2 per MAC) per image of jit(fn)(*args)."""
+  return xla_flops(fn, *args) / batch_size / 1e9

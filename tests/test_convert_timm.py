@@ -1,0 +1,194 @@
+"""Parity with live timm models, strict conversion errors, readers and CLI.
+
+The reference is timm itself (pretrained=False, so nothing is downloaded).
+Every parameter is perturbed away from its default initialisation so that a
+swapped or mis-transposed tensor cannot hide behind ones, zeros or symmetric
+init. Limit: max |logits difference| <= 1e-4 x max |logits|, float32.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+
+from lvtp_jax import pretrained
+from lvtp_jax.convert import __main__ as convert_cli
+from lvtp_jax.convert import readers
+from lvtp_jax.convert import timm as timm_convert
+from lvtp_jax.convert import from_timm
+
+REL_TOL = 1e-4
+
+
+def perturbed_timm(name, seed=0, **kw):
+  torch.manual_seed(seed)
+  model = timm.create_model(name, pretrained=False, **kw).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      # Distinct values everywhere: LayerNorm scales away from 1, biases and
+      # tokens away from 0, by an amount relative to each tensor's spread.
+      spread = max(float(p.std()) if p.numel() > 1 else 0.0, 0.05)
+      p.add_(torch.randn_like(p) * spread * 0.5)
+  return model
+
+
+def timm_logits(model, x_nhwc):
+  with torch.inference_mode():
+    return model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def ours_logits(model, params, x_nhwc):
+  return np.asarray(jax.jit(model.apply)({'params': params},
+                                         jnp.asarray(x_nhwc)))
+
+
+def images(n, size, seed=0):
+  return np.random.default_rng(seed).standard_normal(
+      (n, size, size, 3)).astype(np.float32)
+
+
+def assert_close(ours, ref):
+  assert ours.shape == ref.shape
+  err = np.abs(ours - ref).max()
+  assert err <= REL_TOL * np.abs(ref).max(), (err, np.abs(ref).max())
+
+
+@pytest.mark.parametrize('name', [
+    'deit_tiny_patch16_224',
+    'deit_small_patch16_224',
+    'deit_base_patch16_224',
+    'deit_small_distilled_patch16_224',
+    'vit_small_patch16_224',
+    'vit_tiny_patch16_384',
+    'vit_small_patch32_224',
+])
+def test_logits_match_timm(name):
+  ref = perturbed_timm(name)
+  size = ref.default_cfg['input_size'][-1]
+  model, params = from_timm(name, ref.state_dict())
+  x = images(2, size)
+  assert_close(ours_logits(model, params, x), timm_logits(ref, x))
+
+
+@pytest.mark.parametrize('name, src_size, dst_size', [
+    ('deit_small_patch16_224', 224, 384),   # up-sampling the grid
+    ('deit_tiny_distilled_patch16_224', 224, 160),  # down: antialias matters
+])
+def test_resampled_pos_embed_matches_timm_loader(name, src_size, dst_size):
+  src = perturbed_timm(name)
+  sd = src.state_dict()
+  # timm's own path: a model built for the new size loads the old weights
+  # through checkpoint_filter_fn, which resamples pos_embed.
+  dst = timm.create_model(name, pretrained=False, img_size=dst_size).eval()
+  module = __import__(type(dst).__module__, fromlist=['checkpoint_filter_fn'])
+  dst.load_state_dict(module.checkpoint_filter_fn(dict(sd), dst))
+  model, params = from_timm(name, sd, img_size=dst_size)
+  assert model.img_size == dst_size
+  np.testing.assert_allclose(np.asarray(params['pos_embed']),
+                             dst.pos_embed.detach().numpy(), atol=2e-6)
+  x = images(2, dst_size, seed=1)
+  assert_close(ours_logits(model, params, x), timm_logits(dst, x))
+
+
+def test_known_models_match_timm_registry():
+  """Every name we accept exists in timm with the same shapes and data cfg."""
+  for name in timm_convert.KNOWN_MODELS:
+    cfg = timm_convert.model_config(name)
+    pcfg = timm.models.get_pretrained_cfg(name)
+    np.testing.assert_allclose(cfg['data']['mean'], pcfg.mean)
+    np.testing.assert_allclose(cfg['data']['std'], pcfg.std)
+    assert cfg['data']['crop_pct'] == pcfg.crop_pct, name
+    assert cfg['data']['interpolation'] == pcfg.interpolation, name
+    assert cfg['data']['img_size'] == pcfg.input_size[-1], name
+    with torch.device('meta'):
+      ref = timm.create_model(name, pretrained=False)
+    ours = timm_convert.expected_shapes(
+        timm_convert.vit_lib.ViT(num_classes=1000, **cfg['model']))
+    theirs = {}
+    for key, p in ref.state_dict().items():
+      path, arr = timm_convert.convert_array(
+          key, np.broadcast_to(np.float32(0), tuple(p.shape)))
+      theirs[path] = tuple(arr.shape)
+    assert theirs == ours, name
+
+
+def test_unknown_model_lists_known_ones():
+  with pytest.raises(ValueError, match='Known models: deit_tiny_patch16_224'):
+    from_timm('resnet50', {})
+
+
+def test_tag_suffix_is_accepted():
+  ref = perturbed_timm('deit_tiny_patch16_224')
+  model, _ = from_timm('deit_tiny_patch16_224.fb_in1k', ref.state_dict())
+  assert model.width == 192
+
+
+def test_mismatched_checkpoint_names_every_bad_key():
+  sd = {k: v.numpy() for k, v in
+        perturbed_timm('deit_tiny_patch16_224').state_dict().items()}
+  del sd['blocks.3.norm1.weight']
+  sd['blocks.0.attn.extra'] = np.zeros(3, np.float32)
+  sd['blocks.5.mlp.fc1.weight'] = np.zeros((10, 192), np.float32)
+  with pytest.raises(ValueError) as err:
+    from_timm('deit_tiny_patch16_224', sd)
+  msg = str(err.value)
+  assert 'missing keys' in msg and 'blocks.3.norm1.weight' in msg
+  assert 'unexpected keys' in msg and 'blocks.0.attn.extra' in msg
+  assert 'shape mismatches' in msg and 'blocks.5.mlp.fc1.weight (10, 192)' in msg
+
+
+def test_wrong_architecture_is_refused():
+  sd = perturbed_timm('deit_tiny_patch16_224').state_dict()
+  with pytest.raises(ValueError, match='shape mismatches'):
+    from_timm('deit_small_patch16_224', sd)
+
+
+def test_training_checkpoint_wrapper_and_readers(tmp_path):
+  from safetensors.numpy import save_file
+  ref = perturbed_timm('deit_tiny_patch16_224', seed=3)
+  sd = ref.state_dict()
+  x = images(1, 224, seed=2)
+  want = timm_logits(ref, x)
+  # A DeiT release .pth holds {'model': state_dict, ...}.
+  pth = tmp_path / 'ckpt.pth'
+  torch.save({'model': sd, 'epoch': 300}, pth)
+  st = tmp_path / 'model.safetensors'
+  save_file({k: v.numpy() for k, v in sd.items()}, str(st))
+  for path in (pth, st):
+    model, params = from_timm('deit_tiny_patch16_224',
+                              readers.read_checkpoint(str(path)))
+    assert_close(ours_logits(model, params, x), want)
+  (tmp_path / 'x.ckpt').write_text('')
+  with pytest.raises(ValueError, match='unknown extension'):
+    readers.read_checkpoint(str(tmp_path / 'x.ckpt'))
+  with pytest.raises(FileNotFoundError):
+    readers.read_checkpoint(str(tmp_path / 'absent.pth'))
+
+
+def test_cli_writes_a_loadable_converted_directory(tmp_path):
+  from safetensors.numpy import save_file
+  ref = perturbed_timm('deit_tiny_distilled_patch16_224', seed=4)
+  st = tmp_path / 'model.safetensors'
+  save_file({k: v.numpy() for k, v in ref.state_dict().items()}, str(st))
+  out = tmp_path / 'converted'
+  args = ['timm', '--model', 'deit_tiny_distilled_patch16_224',
+          '--checkpoint', str(st), '--out', str(out), '--img-size', '256']
+  assert convert_cli.main(args) == 0
+  with pytest.raises(FileExistsError, match='--overwrite'):
+    convert_cli.main(args)
+  assert convert_cli.main(args + ['--overwrite']) == 0
+  model, params, meta = pretrained.load(str(out))
+  assert meta['source']['model_name'] == 'deit_tiny_distilled_patch16_224'
+  assert meta['data']['img_size'] == 256 and model.img_size == 256
+  np.testing.assert_allclose(meta['data']['mean'], (0.485, 0.456, 0.406))
+  direct_model, direct_params = from_timm(
+      'deit_tiny_distilled_patch16_224', ref.state_dict(), img_size=256)
+  x = images(1, 256, seed=5)
+  np.testing.assert_array_equal(ours_logits(model, params, x),
+                                ours_logits(direct_model, direct_params, x))
+  with pytest.raises(FileNotFoundError, match='python -m lvtp_jax.convert'):
+    pretrained.load(os.path.join(str(tmp_path), 'nowhere'))

@@ -1,0 +1,139 @@
+"""ViT on a TokenState: masking, proportional attention, signals, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.tokens import state as ts
+
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+            img_size=32, num_classes=5)
+
+
+def _model_and_params(**kw):
+  model = vit_lib.ViT(**dict(TINY, **kw))
+  x = jnp.zeros((1, model.img_size, model.img_size, 3))
+  return model, model.init(jax.random.PRNGKey(0), x)['params']
+
+
+def _block_and_params(d=32, heads=4):
+  block = vit_lib.Block(num_heads=heads, mlp_dim=2 * d)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, d))
+  s = ts.init_state(x, num_prefix=1)
+  return block, block.init(jax.random.PRNGKey(0), s)['params'], s
+
+
+def test_variant_table_and_unknown_variant():
+  assert vit_lib.variant_fields('B/8') == dict(
+      width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=8)
+  with pytest.raises(ValueError, match='unknown ViT variant'):
+    vit_lib.variant_fields('XL/16')
+  with pytest.raises(ValueError, match='patch size 14'):
+    vit_lib.variant_fields('S/14')
+
+
+def test_output_shapes_distilled_and_features_only():
+  model, params = _model_and_params(distilled=True)
+  x = jax.random.normal(jax.random.PRNGKey(2), (3, 32, 48, 3))
+  logits, aux = model.apply({'params': params}, x, return_aux=True)
+  assert logits.shape == (3, 5)
+  assert aux['tokens'].shape == (3, 2 + 4 * 6, 32)
+  np.testing.assert_array_equal(aux['valid_tokens'], np.full((3, 2), 26))
+  feats_model, feats_params = _model_and_params(num_classes=0)
+  assert feats_model.apply({'params': feats_params}, x).shape == (3, 32)
+
+
+def test_distilled_output_is_the_mean_of_both_heads():
+  model, params = _model_and_params(distilled=True)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 3))
+  logits, aux = model.apply({'params': params}, x, return_aux=True)
+  t = aux['tokens']
+  h = lambda name, v: v @ params[name]['kernel'] + params[name]['bias']
+  want = (h('head', t[:, 0]) + h('head_dist', t[:, 1])) / 2
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (np.zeros((1, 32, 32, 1), np.float32), '3 channels'),
+    (np.zeros((1, 3, 32, 32), np.float32), '3 channels'),
+    (np.zeros((1, 32, 32, 3), np.uint8), 'floating point'),
+    (np.zeros((1, 36, 32, 3), np.float32), 'not divisible by the patch size 8'),
+    (np.zeros((32, 32, 3), np.float32), r'\[B, H, W, 3\]'),
+])
+def test_bad_images_raise_clear_errors(bad, match):
+  model, params = _model_and_params()
+  with pytest.raises(ValueError, match=match):
+    model.apply({'params': params}, jnp.asarray(bad))
+
+
+def test_all_valid_mask_changes_nothing():
+  block, params, s = _block_and_params()
+  a, _ = block.apply({'params': params}, s, masked=False)
+  b, _ = block.apply({'params': params}, s, masked=True)
+  np.testing.assert_allclose(a.x, b.x, rtol=1e-6, atol=1e-6)
+
+
+def test_empty_slots_are_invisible_to_valid_tokens():
+  # Valid tokens must come out the same whether the padding slots are there
+  # (masked) or physically removed from the buffer.
+  block, params, s = _block_and_params()
+  keep = np.array([0, 2, 3, 5, 8])
+  valid = np.zeros(s.valid.shape, bool)
+  valid[:, keep] = True
+  junk = s.x.at[:, ~valid[0]].set(1e3)
+  padded = s.replace(x=junk, valid=jnp.asarray(valid))
+  out_padded, _ = block.apply({'params': params}, padded, masked=True)
+  small = ts.init_state(s.x[:, keep], num_prefix=1)
+  out_small, _ = block.apply({'params': params}, small, masked=False)
+  np.testing.assert_allclose(out_padded.x[:, keep], out_small.x, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_proportional_attention_equals_duplicated_tokens():
+  # A slot of size 2 under proportional attention acts like two identical
+  # slots of size 1 (ToMe's motivation for adding log(size)).
+  block, params, s = _block_and_params()
+  x = s.x
+  dup = jnp.concatenate([x, x[:, -1:]], axis=1)
+  dup_state = ts.init_state(dup, num_prefix=1)
+  out_dup, _ = block.apply({'params': params}, dup_state)
+  size = jnp.ones(s.size.shape).at[:, -1].set(2.0)
+  out_prop, _ = block.apply({'params': params}, s.replace(size=size),
+                            proportional=True)
+  np.testing.assert_allclose(out_prop.x, out_dup.x[:, :-1], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_signals_only_when_asked_and_consistent():
+  block, params, s = _block_and_params(heads=4)
+  _, none = block.apply({'params': params}, s)
+  assert none == {}
+  _, sig = block.apply({'params': params}, s,
+                       want=frozenset({'cls_attn', 'attn', 'keys'}))
+  assert sig['attn'].shape == (2, 4, 9, 9)
+  assert sig['keys'].shape == (2, 4, 9, 8)
+  np.testing.assert_array_equal(sig['cls_attn'], sig['attn'][:, :, 0])
+  np.testing.assert_allclose(sig['attn'].sum(-1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match='unknown attention signals'):
+    block.apply({'params': params}, s, want=frozenset({'values'}))
+
+
+def test_other_input_size_resamples_pos_embed_in_forward():
+  model, params = _model_and_params()
+  x = jax.random.normal(jax.random.PRNGKey(4), (1, 64, 64, 3))
+  logits, aux = model.apply({'params': params}, x, return_aux=True)
+  assert logits.shape == (1, 5) and aux['tokens'].shape[1] == 1 + 64
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_drop_path_is_active_only_in_training():
+  model, params = _model_and_params(drop_path_rate=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(5), (4, 32, 32, 3))
+  eval_a = model.apply({'params': params}, x)
+  eval_b = model.apply({'params': params}, x, train=False)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train = model.apply({'params': params}, x, train=True,
+                      rngs={'dropout': jax.random.PRNGKey(0)})
+  assert not np.allclose(train, eval_a)
