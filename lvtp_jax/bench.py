@@ -12,30 +12,15 @@ the other. The result is a ratio measured inside one run (DESIGN §7).
 
 import argparse
 import json
-import platform
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lvtp_jax.convert import timm as timm_convert
-
-
-def _time_calls(fn: Callable[[], None], iters: int) -> float:
-  start = time.perf_counter()
-  for _ in range(iters):
-    fn()
-  return (time.perf_counter() - start) / iters
-
-
-def device_name() -> str:
-  """A readable description of the default JAX device and the host CPU."""
-  dev = jax.devices()[0]
-  kind = getattr(dev, 'device_kind', dev.platform)
-  return f'{dev.platform}:{kind} ({platform.machine()}, {len(jax.devices())} device(s))'
+from lvtp_jax.measure import speed
 
 
 def run(model_name: str, batch: int, img_size: int, warmup: int, iters: int,
@@ -78,13 +63,13 @@ def run(model_name: str, batch: int, img_size: int, warmup: int, iters: int,
   t_jax: List[float] = []
   t_torch: List[float] = []
   for _ in range(rounds):
-    t_jax.append(_time_calls(jax_step, iters))
-    t_torch.append(_time_calls(torch_step, iters))
+    t_jax.append(speed.seconds_per_call(jax_step, iters))
+    t_torch.append(speed.seconds_per_call(torch_step, iters))
   jax_s = float(np.median(t_jax))
   torch_s = float(np.median(t_torch))
   return dict(
       model=model_name, batch=batch, img_size=img_size,
-      device=device_name(), torch_threads=torch.get_num_threads(),
+      device=speed.device_name(), torch_threads=torch.get_num_threads(),
       versions=dict(jax=jax.__version__, torch=torch.__version__,
                     timm=timm.__version__),
       max_abs_logit_diff=max_diff,

@@ -16,13 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvtp_jax.data import constants
 from lvtp_jax.models import posemb as posemb_lib
 from lvtp_jax.models import vit as vit_lib
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
 
 _SIZES = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L'}
 
@@ -66,8 +63,10 @@ def model_config(model_name: str) -> Dict[str, Any]:
                 posemb_resize='bicubic')
   deit = family == 'deit'
   data = dict(
-      mean=IMAGENET_MEAN if deit else INCEPTION_MEAN,
-      std=IMAGENET_STD if deit else INCEPTION_STD,
+      mean=(constants.IMAGENET_DEFAULT_MEAN if deit
+            else constants.IMAGENET_INCEPTION_MEAN),
+      std=(constants.IMAGENET_DEFAULT_STD if deit
+           else constants.IMAGENET_INCEPTION_STD),
       crop_pct=0.9 if int(img) == 224 else 1.0,
       interpolation='bicubic',
       img_size=int(img))

@@ -38,10 +38,10 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
-IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+from lvtp_jax.data.constants import IMAGENET_DEFAULT_MEAN  # pylint: disable=unused-import
+from lvtp_jax.data.constants import IMAGENET_DEFAULT_STD  # pylint: disable=unused-import
+from lvtp_jax.data.constants import IMAGENET_INCEPTION_MEAN  # pylint: disable=unused-import
+from lvtp_jax.data.constants import IMAGENET_INCEPTION_STD  # pylint: disable=unused-import
 
 # timm's interpolation names (timm.data.transforms.str_to_interp_mode) and the
 # PIL filter torchvision hands them to for PIL images.

@@ -1,0 +1,65 @@
+r"""Top-1, FLOPs and throughput of a converted timm DeiT / ViT classifier.
+
+Convert the timm weights once, then evaluate:
+
+  python -m lvtp_jax.convert timm --model deit_small_patch16_224 \
+      --checkpoint deit_small_patch16_224.safetensors --out ckpt/deit_s16
+  python eval.py --config configs/deit_imagenet.py --workdir runs/deit_s16 \
+      --config.model.init_from=ckpt/deit_s16
+
+arg (after ':'): model=<timm name> (default deit_small_patch16_224),
+dataset=imagenet2012|imagenette (imagenette maps its 10 labels onto the
+1000-class head), runlocal (64 images, small batches).
+
+Reference: timm reports 79.856 top-1 for deit_small_patch16_224.fb_in1k on
+imagenet2012 validation (timm results-imagenet.csv); not yet reproduced here
+(no ImageNet on the development machine).
+"""
+
+import ml_collections
+
+from lvtp_jax import config_args
+
+DATASETS = {
+    'imagenet2012': ('imagenet2012', 'validation'),
+    'imagenette': ('imagenette/320px-v2', 'validation'),
+}
+
+
+def get_config(arg=None):
+  arg = config_args.parse_arg(arg, model='deit_small_patch16_224',
+                              dataset='imagenet2012', runlocal=False)
+  if arg.dataset not in DATASETS:
+    raise ValueError(f'dataset={arg.dataset!r}; known: {sorted(DATASETS)}.')
+  config = ml_collections.ConfigDict()
+  config.task = 'classification'
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.init_from = ''          # converted directory (lvtp_jax.convert)
+  config.model.timm_name = arg.model   # architecture when random_init is used
+  config.model.random_init = False     # random weights (smoke tests, speed)
+  config.model.num_classes = 1000      # head size with random_init
+
+  config.pruning = ml_collections.ConfigDict()
+  config.pruning.name = 'none'         # policy registry name
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name, config.data.split = DATASETS[arg.dataset]
+  config.data.data_dir = ''            # TFDS data_dir ('' = TFDS default)
+  config.data.batch_size = 64
+  config.data.num_examples = 0         # 0 = the whole split
+  config.data.num_threads = 4          # preprocessing threads
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.name = ''                # row name ('' = the policy name)
+  config.eval.progress = True          # progress bar on stderr
+  config.eval.warmup = 2               # untimed calls before timing
+  config.eval.timing_iters = 5         # calls per timing round
+  config.eval.timing_rounds = 3        # rounds; the median is reported
+
+  if arg.runlocal:
+    config.data.batch_size = 8
+    config.data.num_examples = 64
+    config.eval.timing_iters = 2
+  return config

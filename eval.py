@@ -1,0 +1,45 @@
+"""Evaluate what a config describes and write WORKDIR/results.json.
+
+  python eval.py --config configs/deit_imagenet.py --workdir /tmp/deit_s16 \
+      --config.model.init_from=ckpt/deit_s16
+
+Any config field can be overridden with --config.<a>.<b>=value.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from lvtp_jax.evaluation import classification
+from lvtp_jax.evaluation import results
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'experiment config file (configs/<name>.py[:arg])',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'directory that receives results.json')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+_TASKS = {'classification': classification.evaluate}
+
+
+def run(config, workdir: str):
+  """Evaluates `config` and writes WORKDIR/results.json; returns its content."""
+  if config.task not in _TASKS:
+    raise ValueError(f'config.task={config.task!r} has no evaluator; known: '
+                     f'{sorted(_TASKS)}.')
+  rows = [_TASKS[config.task](config)]
+  return results.write(workdir, rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  out = run(_CONFIG.value, _WORKDIR.value)
+  print(f'device: {out["device"]}')
+  print(results.format_table(out['rows']))
+  print(f'wrote {_WORKDIR.value}/results.json')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,34 @@
+"""Wall-clock throughput, measured after warm-up with block_until_ready."""
+
+import platform
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+
+def device_name() -> str:
+  """A readable description of the default JAX device and the host."""
+  dev = jax.devices()[0]
+  kind = getattr(dev, 'device_kind', dev.platform)
+  return (f'{dev.platform}:{kind} ({platform.machine()}, '
+          f'{len(jax.devices())} device(s))')
+
+
+def seconds_per_call(fn: Callable[[], object], iters: int) -> float:
+  """Mean seconds of `fn()`; `fn` must block until its result is ready."""
+  start = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return (time.perf_counter() - start) / iters
+
+
+def images_per_second(fn: Callable, *args, batch_size: int, warmup: int = 2,
+                      iters: int = 5, rounds: int = 3) -> float:
+  """Throughput of `fn(*args)` on a batch: the median of `rounds` rounds."""
+  call = lambda: jax.block_until_ready(fn(*args))
+  for _ in range(warmup):
+    call()
+  times = [seconds_per_call(call, iters) for _ in range(rounds)]
+  return batch_size / float(np.median(times))

@@ -1,0 +1,60 @@
+"""Every config in configs/ loads, with its args, and names known components."""
+
+import glob
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+
+from lvtp_jax import config_args
+from lvtp_jax.convert import timm as timm_convert
+from lvtp_jax.evaluation import classification
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(
+      os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_there_are_configs():
+  assert CONFIGS
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_config_loads_and_names_known_components(path):
+  mod = _load(path)
+  assert 'python eval.py' in mod.__doc__ or 'python train.py' in mod.__doc__
+  for arg in (None, 'runlocal'):
+    config = mod.get_config(arg)
+    assert isinstance(config, ml_collections.ConfigDict)
+    assert config.task in ('classification',)
+    assert config.pruning.name in classification.POLICIES
+    timm_convert.model_config(config.model.timm_name)
+  with pytest.raises(ValueError, match='unknown config arg'):
+    mod.get_config('no_such_arg=1')
+
+
+def test_deit_config_args():
+  mod = _load(os.path.join(REPO, 'configs', 'deit_imagenet.py'))
+  config = mod.get_config('model=vit_small_patch16_384,dataset=imagenette')
+  assert config.model.timm_name == 'vit_small_patch16_384'
+  assert config.data.name.startswith('imagenette/')
+  with pytest.raises(ValueError, match='dataset'):
+    mod.get_config('dataset=cifar10')
+
+
+def test_parse_arg_types_and_errors():
+  a = config_args.parse_arg('n=3,x=0.5,flag,name=abc,off=false',
+                            n=1, x=0.1, flag=False, name='', off=True)
+  assert (a.n, a.x, a.flag, a.name, a.off) == (3, 0.5, True, 'abc', False)
+  with pytest.raises(ValueError, match='expected a bool'):
+    config_args.parse_arg('flag=maybe', flag=False)
+  with pytest.raises(ValueError, match=r"known: \['n'\]"):
+    config_args.parse_arg('m=1', n=1)
