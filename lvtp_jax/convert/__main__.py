@@ -2,6 +2,8 @@
 
   python -m lvtp_jax.convert timm --model deit_small_patch16_224 \
       --checkpoint model.safetensors --out ckpt/deit_s16 [--img-size 384]
+  python -m lvtp_jax.convert segmenter --checkpoint checkpoint.pth \
+      --variant variant.yml --out ckpt/seg_tiny_mask
 """
 
 import argparse
@@ -10,7 +12,14 @@ import sys
 
 from lvtp_jax import pretrained
 from lvtp_jax.convert import readers
+from lvtp_jax.convert import segmenter as seg_convert
 from lvtp_jax.convert import timm as timm_lib
+
+
+def _module_fields(model):
+  """A module's constructor fields as JSON-friendly values (dtype left out)."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.name not in ('parent', 'name', 'dtype')}
 
 
 def _timm(args) -> None:
@@ -18,15 +27,25 @@ def _timm(args) -> None:
   model, params = timm_lib.from_timm(args.model, sd, img_size=args.img_size)
   cfg = timm_lib.model_config(args.model)
   data = dict(cfg['data'], img_size=model.img_size)
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.name not in ('parent', 'name')}
-  fields.pop('dtype')
-  meta = dict(architecture='vit', model=fields, data=data,
+  meta = dict(architecture='vit', model=_module_fields(model), data=data,
               source=dict(kind='timm', model_name=args.model,
                           checkpoint=args.checkpoint))
   pretrained.save(args.out, params, meta, overwrite=args.overwrite)
   print(f'wrote {args.out}: {args.model}, {model.num_classes} classes, '
         f'{model.img_size}px')
+
+
+def _segmenter(args) -> None:
+  sd = readers.read_checkpoint(args.checkpoint)
+  variant = seg_convert.read_variant(args.variant)
+  model, params = seg_convert.from_segmenter(sd, variant=variant)
+  meta = dict(architecture='segmenter', model=_module_fields(model),
+              data=seg_convert.data_config(variant),
+              source=dict(kind='segmenter', checkpoint=args.checkpoint,
+                          variant=args.variant))
+  pretrained.save(args.out, params, meta, overwrite=args.overwrite)
+  print(f'wrote {args.out}: Segmenter {model.decoder}, {model.num_classes} '
+        f'classes, encoder {model.width}x{model.depth}, crop {model.img_size}')
 
 
 def main(argv=None) -> int:
@@ -44,6 +63,13 @@ def main(argv=None) -> int:
   t.add_argument('--overwrite', action='store_true',
                  help='replace an existing converted directory')
   t.set_defaults(fn=_timm)
+  s = sub.add_parser('segmenter', help='official Segmenter checkpoint')
+  s.add_argument('--checkpoint', required=True, help='checkpoint.pth')
+  s.add_argument('--variant', required=True, help='variant.yml beside it')
+  s.add_argument('--out', required=True, help='output directory')
+  s.add_argument('--overwrite', action='store_true',
+                 help='replace an existing converted directory')
+  s.set_defaults(fn=_segmenter)
   args = parser.parse_args(argv)
   args.fn(args)
   return 0

@@ -152,16 +152,20 @@ def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Dict[str, Any]:
   return tree
 
 
-def expected_shapes(model: vit_lib.ViT) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+def expected_shapes(model, input_hw: Tuple[int, int] = None
+                    ) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   """Flat Flax path -> shape of every parameter of `model` (no compute)."""
-  x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
+  input_hw = input_hw or (model.img_size, model.img_size)
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_hw) + (3,), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
   return {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
 
 
 def load_params(model, state_dict: Mapping[str, np.ndarray], *,
-                num_prefix: int, grid: Tuple[int, int],
-                posemb_method: str) -> Dict[str, Any]:
+                num_prefix: int, grid: Tuple[int, int], posemb_method: str,
+                posemb_path: Tuple[str, ...] = ('pos_embed',),
+                hint: str = 'Check the model name / variant against the '
+                'checkpoint.') -> Dict[str, Any]:
   """Strictly maps a (NumPy) state dict onto the parameters of `model`.
 
   Args:
@@ -169,7 +173,10 @@ def load_params(model, state_dict: Mapping[str, np.ndarray], *,
     state_dict: source name -> array.
     num_prefix: prefix rows of `pos_embed` (kept as they are when resampling).
     grid: the patch grid the model's `pos_embed` is for.
-    posemb_method: resampling method (posemb.METHODS) for a grid mismatch.
+    posemb_method: resampling method (posemb.METHODS) for a grid mismatch,
+      or None to treat a grid mismatch as a shape error.
+    posemb_path: Flax path of the position embedding.
+    hint: last line of the mismatch error (how to fix it).
 
   Raises:
     ValueError listing every missing, unexpected and mis-shaped key (in the
@@ -181,8 +188,8 @@ def load_params(model, state_dict: Mapping[str, np.ndarray], *,
     path, arr = convert_array(key, value)
     converted[path] = arr
     sources[path] = key
-  pe_path = ('pos_embed',)
-  if pe_path in converted and pe_path in expected:
+  pe_path = tuple(posemb_path)
+  if posemb_method and pe_path in converted and pe_path in expected:
     pe = converted[pe_path]
     want = expected[pe_path]
     if pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == want[2] and (
@@ -213,7 +220,7 @@ def load_params(model, state_dict: Mapping[str, np.ndarray], *,
           for p in mismatched))
     raise ValueError(
         'checkpoint does not match the model:\n  ' + '\n  '.join(lines) +
-        '\nCheck the model name / variant against the checkpoint.')
+        '\n' + hint)
   return _unflatten({p: jnp.asarray(converted[p], jnp.float32)
                      for p in expected})
 

@@ -1,0 +1,211 @@
+"""Segmenter (Strudel et al., ICCV 2021) in flax.linen, as the official code.
+
+  pad to a multiple of the patch (bottom/right, value 0) -> ViT encoder ->
+  drop the prefix tokens -> decoder (linear or mask transformer) -> bilinear
+  upsampling to the padded size -> crop the padding off.
+
+Official-code facts reproduced here (rstrudel/segmenter `segm/model/*.py`,
+../shared/specs/weights_and_data.md §2.4-§2.5): every LayerNorm has eps 1e-5;
+the position embedding is resized in the forward pass, bilinearly without
+antialias, when the token grid differs from the stored one; the mask
+transformer appends the class embeddings after the patch tokens, projects
+both with raw (D, D) matrices, L2-normalises them without epsilon, and
+LayerNorms the masks over the class axis.
+
+The encoder runs on a `TokenState`, and auxiliary heads after chosen encoder
+blocks give per-token class logits: the signals DToP and LVTP prune with.
+"""
+
+from typing import Any, Dict, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.tokens import state as ts
+
+DECODERS = ('linear', 'mask_transformer')
+
+
+def _layer_norm(eps, dtype, name):
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
+                      name=name)
+
+
+class LinearDecoder(nn.Module):
+  """Official DecoderLinear: one Linear from tokens to class logits."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """x [B, N, D] patch tokens -> [B, N, C] logits."""
+    del train
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+
+
+class MaskTransformer(nn.Module):
+  """Official MaskTransformer decoder (class embeddings as extra tokens)."""
+  num_classes: int
+  width: int                 # d_model of the decoder (= encoder width officially)
+  depth: int = 2             # decoder blocks
+  num_heads: int = 0         # 0: width // 64, as the official factory
+  ln_eps: float = 1e-5
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """x [B, N, D_enc] patch tokens -> [B, N, C] mask logits."""
+    b, n, _ = x.shape
+    c, d = self.num_classes, self.width
+    heads = self.num_heads or max(d // 64, 1)
+    x = nn.Dense(d, dtype=self.dtype, name='proj_dec')(x)
+    cls_emb = self.param('cls_emb', nn.initializers.normal(0.02), (1, c, d))
+    x = jnp.concatenate(
+        [x, jnp.broadcast_to(cls_emb, (b, c, d)).astype(x.dtype)], axis=1)
+    state = ts.init_state(x, num_prefix=0)
+    for i in range(self.depth):
+      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      state, _ = vit_lib.Block(heads, 4 * d, self.ln_eps, rate,
+                               dtype=self.dtype, name=f'blocks_{i}')(
+                                   state, train=train)
+    x = _layer_norm(self.ln_eps, self.dtype, 'decoder_norm')(state.x)
+    init = nn.initializers.normal(d ** -0.5)
+    proj_patch = self.param('proj_patch', init, (d, d))
+    proj_classes = self.param('proj_classes', init, (d, d))
+    patches = x[:, :n] @ proj_patch.astype(x.dtype)
+    classes = x[:, n:] @ proj_classes.astype(x.dtype)
+    # Official: t / t.norm(dim=-1, keepdim=True), no epsilon.
+    patches = patches / jnp.linalg.norm(patches, axis=-1, keepdims=True)
+    classes = classes / jnp.linalg.norm(classes, axis=-1, keepdims=True)
+    masks = jnp.einsum('bnd,bcd->bnc', patches, classes)
+    return _layer_norm(self.ln_eps, self.dtype, 'mask_norm')(masks)
+
+
+class AuxHead(nn.Module):
+  """Per-token class logits from intermediate encoder tokens.
+
+  The encoder's intermediate tokens are not normalised (pre-norm blocks), so
+  the head starts with its own LayerNorm, then a linear layer ('linear', the
+  default) or a one-block mask transformer ('mask_transformer').
+  """
+  num_classes: int
+  kind: str = 'linear'
+  ln_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """x [B, N, D] patch tokens -> [B, N, C] logits."""
+    x = _layer_norm(self.ln_eps, self.dtype, 'norm')(x)
+    if self.kind == 'linear':
+      return LinearDecoder(self.num_classes, self.dtype, name='decoder')(x)
+    return MaskTransformer(self.num_classes, x.shape[-1], depth=1,
+                           ln_eps=self.ln_eps, dtype=self.dtype,
+                           name='decoder')(x, train)
+
+
+class Segmenter(nn.Module):
+  """Segmenter: `apply({'params': p}, images)` -> logits [B, H, W, C].
+
+  images: float32 NHWC, normalised as the checkpoint expects, any H and W.
+  """
+  num_classes: int = 150           # segmentation classes
+  width: int = 384                 # encoder token dimension D
+  depth: int = 12                  # encoder blocks
+  num_heads: int = 6               # encoder attention heads
+  mlp_dim: int = 1536              # encoder MLP hidden size
+  patch_size: int = 16             # square patch side in pixels
+  img_size: int = 512              # training crop the stored pos_embed is for
+  distilled: bool = False          # DeiT backbone with a dist token
+  ln_eps: float = 1e-5             # official Segmenter LayerNorm eps
+  posemb_resize: str = 'bilinear'  # official forward-time resize of pos_embed
+  decoder: str = 'mask_transformer'  # see DECODERS
+  decoder_depth: int = 2           # mask-transformer blocks
+  aux_layers: Tuple[int, ...] = ()  # auxiliary heads after these blocks (1-based)
+  aux_head: str = 'linear'         # 'linear' or 'mask_transformer'
+  drop_path_rate: float = 0.0      # encoder stochastic depth
+  decoder_drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.decoder not in DECODERS:
+      raise ValueError(f'decoder={self.decoder!r}; expected one of {DECODERS}.')
+    if self.aux_head not in DECODERS:
+      raise ValueError(f'aux_head={self.aux_head!r}; expected one of '
+                       f'{DECODERS}.')
+    bad = [k for k in self.aux_layers if not 1 <= k < self.depth]
+    if bad:
+      raise ValueError(
+          f'aux_layers {list(bad)} out of range: an auxiliary head goes after '
+          f'block k with 1 <= k < depth={self.depth} (block depth is the '
+          'final decoder).')
+    self.encoder = vit_lib.ViT(
+        width=self.width, depth=self.depth, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, patch_size=self.patch_size,
+        img_size=self.img_size, num_classes=0, distilled=self.distilled,
+        ln_eps=self.ln_eps, posemb_resize=self.posemb_resize,
+        drop_path_rate=self.drop_path_rate, dtype=self.dtype, name='encoder')
+    if self.decoder == 'linear':
+      self.decode_head = LinearDecoder(self.num_classes, self.dtype,
+                                       name='decoder')
+    else:
+      self.decode_head = MaskTransformer(
+          self.num_classes, self.width, self.decoder_depth, ln_eps=self.ln_eps,
+          drop_path_rate=self.decoder_drop_path_rate, dtype=self.dtype,
+          name='decoder')
+    self.aux_heads = {
+        k: AuxHead(self.num_classes, self.aux_head, self.ln_eps, self.dtype,
+                   name=f'aux_head_{k}') for k in self.aux_layers}
+
+  @property
+  def num_prefix(self) -> int:
+    return 2 if self.distilled else 1
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               return_aux: bool = False):
+    """images [B, H, W, 3] -> logits [B, H, W, C] (and aux if return_aux).
+
+    aux: 'token_logits' [B, N, C] final per-token logits (before upsampling),
+    'aux_logits' {k: [B, N, C]} per auxiliary head (after block k),
+    'valid_tokens' [B, depth] valid slots entering each encoder block,
+    'grid' the (h, w) token grid as int32 [2].
+    """
+    vit_lib.check_images(images, None)
+    b, h, w, _ = images.shape
+    p = self.patch_size
+    pad_h, pad_w = -h % p, -w % p
+    x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    state, grid = self.encoder.embed(x)
+    aux_logits: Dict[int, jax.Array] = {}
+    valid_counts = []
+    for i in range(self.depth):
+      valid_counts.append(state.valid.sum(axis=1))
+      state, _ = self.encoder.run_block(i, state, train=train)
+      if i + 1 in self.aux_heads:
+        aux_logits[i + 1] = self.aux_heads[i + 1](
+            state.x[:, self.num_prefix:], train)
+    tokens = self.encoder.norm(state.x)[:, self.num_prefix:]
+    token_logits = self.decode_head(tokens, train)
+    logits = upsample(token_logits, grid, (h + pad_h, w + pad_w))[:, :h, :w]
+    if not return_aux:
+      return logits
+    aux = dict(token_logits=token_logits, aux_logits=aux_logits,
+               valid_tokens=jnp.stack(valid_counts, axis=1),
+               grid=jnp.asarray(grid, jnp.int32))
+    return logits, aux
+
+
+def upsample(token_logits: jax.Array, grid: Sequence[int],
+             size: Sequence[int]) -> jax.Array:
+  """[B, h*w, C] per-token logits -> [B, H, W, C], bilinear (align_corners=False).
+
+  The official code calls F.interpolate(mode='bilinear') without antialias;
+  jax.image.resize 'linear' with antialias=False is the same map.
+  """
+  b, _, c = token_logits.shape
+  grid_logits = token_logits.reshape(b, grid[0], grid[1], c)
+  return jax.image.resize(grid_logits.astype(jnp.float32),
+                          (b, size[0], size[1], c), 'linear', antialias=False)
