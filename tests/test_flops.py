@@ -69,3 +69,21 @@ def test_realized_count_is_per_image():
   # embedding and the prefix tokens) is spread over the images, so the
   # per-image figure drifts slightly; it must not scale with the batch.
   np.testing.assert_allclose(one, four, rtol=0.01)
+
+
+@pytest.mark.parametrize('decoder, variant, gflops', [
+    # spec weights_and_data.md §2.3: torch FlopCounterMode (2 x MACs of
+    # conv/matmul/bmm/SDPA) on one 512x512 crop of the official models.
+    ('mask_transformer', 'Ti/16', 25.3),
+    ('linear', 'Ti/16', 20.9),
+    ('mask_transformer', 'S/16', 76.8),
+    ('linear', 'S/16', 63.6),
+    ('mask_transformer', 'B/16', 258.6),
+])
+def test_segmenter_count_matches_torch_flop_counter(decoder, variant, gflops):
+  from lvtp_jax.models import segmenter as seg_lib  # pylint: disable=g-import-not-at-top
+  fields = vit_lib.variant_fields(variant)
+  model = seg_lib.Segmenter(num_classes=150, img_size=512, decoder=decoder,
+                            **fields)
+  ours = 2 * flops.segmenter_macs(model, (512, 512)) / 1e9
+  assert abs(ours - gflops) / gflops < 0.005, ours

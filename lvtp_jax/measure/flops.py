@@ -58,6 +58,45 @@ def vit_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
   return embed + blocks + heads
 
 
+def segmenter_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
+  """Analytic MACs per image of a Segmenter forward at image size (H, W).
+
+  Encoder as `vit_macs` (no classification head), plus the decoder on all
+  h*w patch tokens and the auxiliary heads on all patch tokens. The final
+  bilinear upsampling is not counted (like torch's FlopCounterMode and the
+  papers). The image is padded to a multiple of the patch first.
+
+  Args:
+    model: a lvtp_jax Segmenter.
+    image_hw: (H, W) of the input.
+    tokens_per_block: [..., depth] tokens entering each encoder block;
+      default: every block sees prefix + all patches.
+  """
+  p = model.patch_size
+  n = (-(-image_hw[0] // p)) * (-(-image_hw[1] // p))
+  if tokens_per_block is None:
+    tokens_per_block = np.full((model.depth,), n + model.num_prefix)
+  tokens = np.asarray(tokens_per_block, np.float64)
+  if tokens.shape[-1] != model.depth:
+    raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
+                     f'last axis, the model has {model.depth} blocks.')
+  d, c = model.width, model.num_classes
+  encoder = n * 3 * p * p * d + block_macs(tokens, d, model.mlp_dim).sum(-1)
+  decoder = _decoder_macs(model.decoder, n, d, c, model.decoder_depth)
+  aux = len(model.aux_layers) * _decoder_macs(model.aux_head, n, d, c, 1)
+  return encoder + decoder + aux
+
+
+def _decoder_macs(kind: str, n: int, d: int, c: int, depth: int) -> float:
+  """MACs of a linear or mask-transformer decoder on n patch tokens."""
+  if kind == 'linear':
+    return n * d * c
+  # proj_dec, blocks over patches + class embeddings, proj_patch,
+  # proj_classes, and the patch-class product.
+  blocks = depth * block_macs(n + c, d, 4 * d)
+  return n * d * d + blocks + n * d * d + c * d * d + n * c * d
+
+
 def xla_flops(fn: Callable, *args) -> float:
   """FLOPs XLA's cost analysis reports for jit(fn)(*args) on one device."""
   compiled = jax.jit(fn).lower(*args).compile()
