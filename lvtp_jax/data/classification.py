@@ -8,9 +8,10 @@ Three parts, each usable alone:
   floor(img_size / crop_pct) with PIL, center crop, scale to [0, 1],
   normalize. PIL does the resampling, exactly as torchvision's `Resize` does
   on PIL images, so the result matches timm to float32 rounding.
-* `open_source` opens a prepared TFDS dataset with `tfds.data_source`
-  (array_record files, random access, no TensorFlow at read time) and turns
-  "not prepared" into an error that says how to prepare it.
+* `open_source` (from `lvtp_jax.data.sources`, re-exported here) opens a
+  prepared TFDS dataset with `tfds.data_source` (array_record files, random
+  access, no TensorFlow at read time) and turns "not prepared" into an error
+  that says how to prepare it.
 * `label_map_for_head` and `eval_batches` turn a source into fixed-shape,
   masked batches, with labels moved into the label space of the model's head
   (e.g. imagenette wnids -> ImageNet-1k indices for a 1000-class head).
@@ -31,17 +32,19 @@ Typical use:
 import concurrent.futures
 import io
 import math
-import os
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
 
+from lvtp_jax.data import sources
 from lvtp_jax.data.constants import IMAGENET_DEFAULT_MEAN  # pylint: disable=unused-import
 from lvtp_jax.data.constants import IMAGENET_DEFAULT_STD  # pylint: disable=unused-import
 from lvtp_jax.data.constants import IMAGENET_INCEPTION_MEAN  # pylint: disable=unused-import
 from lvtp_jax.data.constants import IMAGENET_INCEPTION_STD  # pylint: disable=unused-import
+# Re-exported: callers open classification datasets through this module.
+from lvtp_jax.data.sources import DatasetNotPreparedError  # pylint: disable=unused-import
+from lvtp_jax.data.sources import open_source  # pylint: disable=unused-import
 
 # timm's interpolation names (timm.data.transforms.str_to_interp_mode) and the
 # PIL filter torchvision hands them to for PIL images.
@@ -278,97 +281,6 @@ def decode_image(value: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-class DatasetNotPreparedError(FileNotFoundError):
-  """A TFDS dataset has no array_record files under the data_dir searched."""
-
-
-def _base_name(name: str) -> str:
-  """'imagenette/160px-v2:1.0.0' -> 'imagenette'."""
-  return name.split('/')[0].split(':')[0]
-
-
-def _prepare_hint(name: str, builder: Any) -> str:
-  """How to prepare `name` in array_record format under builder's data_dir."""
-  root = os.fspath(builder.data_dir_root)
-  lines = []
-  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    manual_dir = os.path.join(root, 'downloads', 'manual')
-    if _base_name(name) == 'imagenet2012':
-      lines.append(
-          'imagenet2012 needs a manual download (register at '
-          'https://image-net.org/download-images). Put ILSVRC2012_img_val.tar '
-          '(enough for the validation split) and optionally '
-          f'ILSVRC2012_img_train.tar into {manual_dir}.')
-    else:
-      lines.append(
-          f'{name} needs a manual download into {manual_dir}: '
-          f'{" ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
-  else:
-    lines.append(
-        f'{name} downloads its source files automatically while it is '
-        'prepared (needs network access once).')
-  lines += [
-      'Then prepare it in the array_record format that tfds.data_source '
-      'reads (preparing needs tensorflow, e.g. pip install tensorflow-cpu; '
-      'reading does not):',
-      f'  tfds build {name} --data_dir={root} --file_format=array_record',
-      'or',
-      '  python -c "import tensorflow_datasets as tfds; '
-      f"tfds.builder('{name}', data_dir='{root}', "
-      "file_format='array_record').download_and_prepare()\"",
-      'or pass data_dir= (or set TFDS_DATA_DIR) to where it is already '
-      'prepared.',
-  ]
-  return '\n'.join(lines)
-
-
-def open_source(name: str,
-                split: str,
-                data_dir: Optional[str] = None) -> Sequence[Dict[str, Any]]:
-  """Opens a prepared TFDS split for random access, without TensorFlow.
-
-  Nothing is downloaded: a dataset that is not prepared raises
-  `DatasetNotPreparedError` with the commands that prepare it.
-
-  Args:
-    name: TFDS name with optional config/version, e.g. 'imagenet2012' or
-      'imagenette/160px-v2'.
-    split: split name or TFDS slice, e.g. 'validation' or 'validation[:1%]'.
-    data_dir: TFDS data_dir; None means TFDS_DATA_DIR or
-      ~/tensorflow_datasets.
-
-  Returns:
-    A sequence of examples (dicts of NumPy values); `len()` and indexing
-    work, and `.dataset_info` holds the dataset's `tfds.core.DatasetInfo`.
-  """
-  try:
-    return tfds.data_source(
-        name, split=split, data_dir=data_dir, download=False)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # tfds reports a missing dataset as an unsupported file format (or other
-    # errors depending on the version); check what actually happened.
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-      raise DatasetNotPreparedError(
-          f'TFDS dataset {name!r} is not prepared under data_dir '
-          f'{os.fspath(builder.data_dir_root)!r} (looked for '
-          f'{os.fspath(builder.data_dir)!r}).\n' + _prepare_hint(name, builder)
-      ) from e
-    formats = builder.info.available_file_formats()
-    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
-      raise DatasetNotPreparedError(
-          f'TFDS dataset {name!r} at {os.fspath(builder.data_dir)!r} is '
-          f'prepared as {sorted(f.value for f in formats)}, but '
-          'tfds.data_source needs array_record files. Convert it with\n'
-          f'  tfds convert_format --dataset_version_dir={builder.data_dir} '
-          '--out_file_format=array_record\n'
-          'or prepare it again into another data_dir:\n' +
-          _prepare_hint(name, builder)) from e
-    raise
-
-
 def label_names(source: Any, label_key: str = 'label') -> Sequence[str]:
   """Class names of a TFDS source's ClassLabel feature (wnids for ImageNet)."""
   return list(source.dataset_info.features[label_key].names)
@@ -395,7 +307,7 @@ def label_map_for_head(dataset_name: str, names: Sequence[str], *,
     when labels are used as they are.
   """
   names = list(names)
-  base = _base_name(dataset_name)
+  base = sources.base_name(dataset_name)
   if base == 'imagenette':
     if names != list(IMAGENETTE_WNIDS):
       raise ValueError(
