@@ -2,6 +2,8 @@
 
   python eval.py --config configs/deit_imagenet.py --workdir /tmp/deit_s16 \
       --config.model.init_from=ckpt/deit_s16
+  python eval.py --config configs/segmenter_eval.py:dataset=ade20k \
+      --workdir /tmp/seg_tiny --config.model.init_from=ckpt/seg_tiny_mask
 
 Any config field can be overridden with --config.<a>.<b>=value.
 """
@@ -12,6 +14,7 @@ from ml_collections import config_flags
 
 from lvtp_jax.evaluation import classification
 from lvtp_jax.evaluation import results
+from lvtp_jax.evaluation import segmentation
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiment config file (configs/<name>.py[:arg])',
@@ -20,7 +23,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
                                'directory that receives results.json')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_TASKS = {'classification': classification.evaluate}
+_TASKS = {'classification': classification.evaluate,
+          'segmentation': segmentation.evaluate}
 
 
 def run(config, workdir: str):

@@ -9,7 +9,9 @@ import pytest
 
 from lvtp_jax import config_args
 from lvtp_jax.convert import timm as timm_convert
+from lvtp_jax.data import segmentation_datasets
 from lvtp_jax.evaluation import classification
+from lvtp_jax.evaluation import segmentation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -34,9 +36,14 @@ def test_config_loads_and_names_known_components(path):
   for arg in (None, 'runlocal'):
     config = mod.get_config(arg)
     assert isinstance(config, ml_collections.ConfigDict)
-    assert config.task in ('classification',)
-    assert config.pruning.name in classification.POLICIES
-    timm_convert.model_config(config.model.timm_name)
+    if config.task == 'classification':
+      assert config.pruning.name in classification.POLICIES
+      timm_convert.model_config(config.model.timm_name)
+    else:
+      assert config.task == 'segmentation'
+      assert config.pruning.name in segmentation.POLICIES
+      assert config.eval.mode in ('whole', 'slide')
+      segmentation_datasets.get_dataset(config.data.name)
   with pytest.raises(ValueError, match='unknown config arg'):
     mod.get_config('no_such_arg=1')
 
