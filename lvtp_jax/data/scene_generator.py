@@ -1,0 +1,463 @@
+"""Procedural segmentation scenes for the token-pruning benchmark (pure NumPy).
+
+Every image is a small outdoor-like scene: large "stuff" regions (sky, grass,
+water, road, wall), each with its own texture, under smooth illumination,
+with "thing" objects painted on top in random order so that they occlude each
+other (disks, poles, wires, blobs, triangles). The layout is made for token
+pruning: with 16x16 patches most tokens lie inside one large, clearly
+textured region ("easy", a pruning method should let them exit early), and a
+minority straddle a boundary or hold a small or thin object ("hard", they
+need the full network). `hard_patch_fraction` measures that minority.
+
+The class is not readable from one pixel's colour: things take random
+colours, stuff colours are jittered and sometimes borrowed from another stuff
+class, and sky / water and road / wall share colour ranges, so the model has
+to look at texture and context.
+
+`difficulty` (default 1.0, any float >= 0) scales the number of small and
+thin objects, the pixel noise, the blur and the colour overlap between stuff
+classes. 0 gives clean scenes with only large objects; 2 or 3 gives a harder
+benchmark. The layout of the large regions does not depend on it.
+
+Generation is deterministic: example `index` of `split` is drawn from
+`numpy.random.default_rng([SPLIT_IDS[split], index])` alone, so it does not
+depend on which examples were generated before. The output is byte-identical
+on one platform; across CPUs, libm differences in sin / exp could in rare
+cases move a uint8 value by one.
+"""
+
+import colorsys
+from typing import Callable, Dict, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+CLASS_NAMES = ('sky', 'grass', 'water', 'road', 'wall',
+               'disk', 'pole', 'wire', 'blob', 'triangle')
+NUM_CLASSES = len(CLASS_NAMES)
+SKY, GRASS, WATER, ROAD, WALL, DISK, POLE, WIRE, BLOB, TRIANGLE = range(
+    NUM_CLASSES)
+STUFF_CLASSES = (SKY, GRASS, WATER, ROAD, WALL)
+THING_CLASSES = (DISK, POLE, WIRE, BLOB, TRIANGLE)
+
+# Label value for "ignore" in the segmentation convention of the project. The
+# generator labels every pixel, so it never emits this value.
+IGNORE_INDEX = 255
+
+# Colours for label maps (visualisation only; image colours are random).
+PALETTE = np.array([
+    (135, 190, 235),  # sky
+    (60, 160, 60),    # grass
+    (30, 80, 180),    # water
+    (110, 110, 110),  # road
+    (180, 90, 60),    # wall
+    (240, 200, 40),   # disk
+    (230, 30, 200),   # pole
+    (250, 250, 250),  # wire
+    (150, 60, 200),   # blob
+    (240, 120, 20),   # triangle
+], dtype=np.uint8)
+
+SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
+DEFAULT_SIZE = 128
+DEFAULT_DIFFICULTY = 1.0
+
+# Base (hue, saturation, value) of each stuff class. Sky and water, and road
+# and wall, are close on purpose: texture has to tell them apart.
+_STUFF_HSV = {
+    SKY: (0.58, 0.40, 0.85),
+    GRASS: (0.27, 0.55, 0.55),
+    WATER: (0.56, 0.55, 0.60),
+    ROAD: (0.08, 0.10, 0.45),
+    WALL: (0.05, 0.35, 0.55),
+}
+
+
+class _Canvas:
+  """Image, label map and random state of one scene under construction.
+
+  Attributes:
+    rng: the example's generator; every random draw goes through it.
+    size: side S of the square image in pixels.
+    difficulty: the difficulty knob (>= 0).
+    yy, xx: float64 [S, S] pixel-centre coordinates (row, column).
+    image: float64 [S, S, 3] RGB, nominally in [0, 1].
+    label: uint8 [S, S] class ids.
+  """
+
+  def __init__(self, rng: np.random.Generator, size: int, difficulty: float):
+    self.rng = rng
+    self.size = size
+    self.difficulty = difficulty
+    self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    self.image = np.zeros((size, size, 3))
+    self.label = np.zeros((size, size), np.uint8)
+
+  def paint(self, mask: np.ndarray, texture: np.ndarray, class_id: int):
+    """Paints `texture` [S, S, 3] and `class_id` where mask [S, S] is True."""
+    np.copyto(self.image, texture, where=mask[..., None])
+    self.label[mask] = class_id
+
+
+# ----------------------------------------------------------------------------
+# Random fields and colours.
+# ----------------------------------------------------------------------------
+
+
+def _smooth_field(c: _Canvas, cells: int) -> np.ndarray:
+  """Smooth random field [S, S] with unit std and ~`cells` bumps a side.
+
+  Normal samples on a cells x cells grid, spread by separable Gaussian
+  bumps: field = B @ coarse @ B.T with B [S, cells]. This is a few small
+  matrix products, much cheaper than spline interpolation.
+  """
+  coarse = c.rng.standard_normal((cells, cells))
+  spacing = c.size / (cells - 1)
+  centres = np.arange(cells) * spacing
+  bumps = np.exp(-0.5 * ((c.yy[:, :1] - centres) / (0.6 * spacing)) ** 2)
+  field = bumps @ coarse @ bumps.T
+  return field / field.std()
+
+
+def _grain(c: _Canvas, sigma: Tuple[float, float]) -> np.ndarray:
+  """White noise blurred by `sigma` (rows, columns), rescaled to unit std."""
+  noise = ndimage.gaussian_filter(
+      c.rng.standard_normal((c.size, c.size)), sigma)
+  return noise / noise.std()
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+  """RGB float [3] of a colour given in HSV (hue wraps, s and v clipped)."""
+  return np.array(colorsys.hsv_to_rgb(
+      h % 1.0, float(np.clip(s, 0, 1)), float(np.clip(v, 0, 1))))
+
+
+def _stuff_colour(c: _Canvas, class_id: int) -> np.ndarray:
+  """Jittered base colour [3] of a stuff class.
+
+  With probability 0.15 * difficulty the colour of another stuff class is
+  used, and the jitter grows with difficulty: both make colours of different
+  classes overlap.
+  """
+  if c.rng.random() < 0.15 * c.difficulty:
+    class_id = STUFF_CLASSES[c.rng.integers(len(STUFF_CLASSES))]
+  h, s, v = _STUFF_HSV[class_id]
+  jitter = 0.5 + 0.5 * c.difficulty
+  return _hsv(h + 0.04 * jitter * c.rng.uniform(-1, 1),
+              s + 0.15 * jitter * c.rng.uniform(-1, 1),
+              v + 0.15 * jitter * c.rng.uniform(-1, 1))
+
+
+def _thing_colour(c: _Canvas) -> np.ndarray:
+  """Any hue, moderately saturated: things are recognised by shape."""
+  return _hsv(c.rng.random(), c.rng.uniform(0.2, 0.9), c.rng.uniform(0.3, 0.95))
+
+
+# ----------------------------------------------------------------------------
+# Stuff textures: [S, S, 3] images over the whole canvas, masked when painted.
+# ----------------------------------------------------------------------------
+
+
+def _sky_texture(c: _Canvas) -> np.ndarray:
+  # Smooth: a vertical gradient and faint low-frequency clouds.
+  gradient = 1.1 - 0.25 * c.yy / c.size
+  clouds = 0.06 * _smooth_field(c, 4)
+  return _stuff_colour(c, SKY) * (gradient + clouds)[..., None]
+
+
+def _grass_texture(c: _Canvas) -> np.ndarray:
+  # High-frequency noise stretched vertically (blades).
+  blades = _grain(c, (1.5, 0.4))
+  return _stuff_colour(c, GRASS) * (1 + 0.22 * blades)[..., None]
+
+
+def _water_texture(c: _Canvas) -> np.ndarray:
+  # Horizontal waves whose phase meanders slowly along the row.
+  period = c.rng.uniform(4, 8)
+  phase = 1.5 * _smooth_field(c, 3)
+  waves = np.sin(2 * np.pi * c.yy / period + phase)
+  return _stuff_colour(c, WATER) * (1 + 0.18 * waves)[..., None]
+
+
+def _road_texture(c: _Canvas) -> np.ndarray:
+  # Fine isotropic grain on a dull colour.
+  grain = _grain(c, (0.6, 0.6))
+  return _stuff_colour(c, ROAD) * (1 + 0.15 * grain)[..., None]
+
+
+def _wall_texture(c: _Canvas) -> np.ndarray:
+  """Bricks: staggered rows, per-brick shade, lighter mortar lines."""
+  height = c.rng.integers(5, 10)
+  width = 2 * height
+  row = np.floor(c.yy / height).astype(int)
+  x = c.xx + (row % 2) * width / 2
+  col = np.floor(x / width).astype(int)
+  shades = c.rng.uniform(0.8, 1.1, (64, 64))
+  shade = shades[row % 64, col % 64]
+  mortar = (c.yy % height < 1) | (x % width < 1)
+  shade = np.where(mortar, 1.35, shade)
+  return _stuff_colour(c, WALL) * shade[..., None]
+
+
+# ----------------------------------------------------------------------------
+# Stuff layout: sky above a wavy horizon, ground regions, a road, walls.
+# ----------------------------------------------------------------------------
+
+
+def _horizon(c: _Canvas) -> np.ndarray:
+  """Row [S, S] of a gently tilted, gently waving horizon for every pixel."""
+  base = c.size * c.rng.uniform(0.25, 0.5)
+  tilt = c.rng.uniform(-0.15, 0.15) * (c.xx - c.size / 2)
+  wave = c.rng.uniform(0, 4) * np.sin(
+      2 * np.pi * c.xx / c.rng.uniform(40, 120) + c.rng.uniform(0, 2 * np.pi))
+  return base + tilt + wave
+
+
+def _paint_ground(c: _Canvas, ground: np.ndarray):
+  """Splits the `ground` mask [S, S] among 1-2 of grass / water / road.
+
+  The regions are the argmax of smooth random fields, which gives large
+  regions with organic boundaries.
+  """
+  textures = {GRASS: _grass_texture, WATER: _water_texture,
+              ROAD: _road_texture}
+  count = 1 + int(c.rng.random() < 0.5)
+  classes = c.rng.choice(list(textures), size=count, replace=False)
+  fields = np.stack([_smooth_field(c, 3) for _ in classes])
+  owner = np.argmax(fields, axis=0)
+  for k, class_id in enumerate(classes):
+    c.paint(ground & (owner == k), textures[class_id](c), class_id)
+
+
+def _paint_road(c: _Canvas, horizon: np.ndarray):
+  """A road in perspective: a trapezoid from the image bottom to the horizon."""
+  top_x = c.size * c.rng.uniform(0.3, 0.7)
+  half_top = c.rng.uniform(1, 6)
+  half_bottom = c.size * c.rng.uniform(0.2, 0.45)
+  top_y = horizon[0, int(top_x)]
+  t = np.clip((c.yy - top_y) / (c.size - top_y), 0, 1)
+  centre = top_x + t * c.rng.uniform(-0.3, 0.3) * c.size
+  half = half_top + t * (half_bottom - half_top)
+  mask = (c.yy > top_y) & (np.abs(c.xx - centre) < half)
+  c.paint(mask, _road_texture(c), ROAD)
+
+
+def _paint_wall(c: _Canvas, horizon: np.ndarray):
+  """A building front: an axis-aligned rectangle standing on the ground."""
+  width = c.size * c.rng.uniform(0.25, 0.6)
+  left = c.rng.choice([-width / 2, c.rng.uniform(0, c.size - width),
+                       c.size - width / 2])
+  top = c.size * c.rng.uniform(0.0, 0.25)
+  bottom = horizon.mean() + c.size * c.rng.uniform(0.05, 0.2)
+  mask = ((c.xx > left) & (c.xx < left + width) &
+          (c.yy > top) & (c.yy < bottom))
+  c.paint(mask, _wall_texture(c), WALL)
+
+
+def _paint_stuff(c: _Canvas):
+  """Sky (usually), ground regions, and sometimes a road and walls."""
+  if c.rng.random() < 0.8:
+    horizon = _horizon(c)
+  else:  # Looking down: no sky, the ground fills the image.
+    horizon = np.full((c.size, c.size), -1.0)
+  c.paint(c.yy < horizon, _sky_texture(c), SKY)
+  _paint_ground(c, c.yy >= horizon)
+  if c.rng.random() < 0.3:
+    _paint_road(c, np.maximum(horizon, 0))
+  if c.rng.random() < 0.35:
+    _paint_wall(c, np.maximum(horizon, c.size * 0.3))
+
+
+# ----------------------------------------------------------------------------
+# Things: shapes (masks) and their textures.
+# ----------------------------------------------------------------------------
+
+
+def _random_centre(c: _Canvas) -> Tuple[float, float]:
+  return c.rng.uniform(0, c.size), c.rng.uniform(0, c.size)
+
+
+def _paint_disk(c: _Canvas, radius: float):
+  """An ellipse shaded like a lit sphere."""
+  cy, cx = _random_centre(c)
+  a = radius
+  b = radius * c.rng.uniform(0.6, 1.0)
+  angle = c.rng.uniform(0, np.pi)
+  u = (c.xx - cx) * np.cos(angle) + (c.yy - cy) * np.sin(angle)
+  v = (c.yy - cy) * np.cos(angle) - (c.xx - cx) * np.sin(angle)
+  r2 = (u / max(a, 1.0)) ** 2 + (v / max(b, 1.0)) ** 2
+  shade = 1.15 - 0.45 * np.clip(r2, 0, 1)
+  c.paint(r2 <= 1, _thing_colour(c) * shade[..., None], DISK)
+
+
+def _paint_blob(c: _Canvas, radius: float):
+  """A star-shaped blob with a wobbly outline and a mottled surface."""
+  cy, cx = _random_centre(c)
+  phi = np.arctan2(c.yy - cy, c.xx - cx)
+  outline = np.ones_like(phi)
+  for k in (2, 3, 5):
+    outline += c.rng.uniform(0, 0.2) * np.sin(k * phi + c.rng.uniform(0, 6.3))
+  mask = np.hypot(c.yy - cy, c.xx - cx) <= max(radius, 1.0) * outline
+  spots = 1 + 0.3 * (_smooth_field(c, 12) > 0.3)
+  c.paint(mask, _thing_colour(c) * spots[..., None], BLOB)
+
+
+def _paint_triangle(c: _Canvas, radius: float):
+  """A triangle inscribed in a circle of `radius`, with diagonal stripes."""
+  cy, cx = _random_centre(c)
+  angles = (c.rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3 +
+            c.rng.uniform(-0.4, 0.4, 3))
+  radius = max(radius, 1.5)
+  py, px = cy + radius * np.sin(angles), cx + radius * np.cos(angles)
+  # Inside when the pixel is on the same side of all three edges.
+  sides = [(px[j] - px[i]) * (c.yy - py[i]) - (py[j] - py[i]) * (c.xx - px[i])
+           for i, j in ((0, 1), (1, 2), (2, 0))]
+  mask = ((sides[0] >= 0) & (sides[1] >= 0) & (sides[2] >= 0)) | (
+      (sides[0] <= 0) & (sides[1] <= 0) & (sides[2] <= 0))
+  period = c.rng.uniform(3, 6)
+  stripes = 1 + 0.25 * np.sign(np.sin(2 * np.pi * (c.xx + c.yy) / period))
+  c.paint(mask, _thing_colour(c) * stripes[..., None], TRIANGLE)
+
+
+def _paint_pole(c: _Canvas):
+  """A 1-3 px wide, nearly vertical segment: distance to the segment <= w/2.
+
+  A width of 1 still gives at least one pixel per row, because the nearest
+  pixel centre of a row is at most 0.5 px from the axis.
+  """
+  width = c.rng.integers(1, 4)
+  length = c.size * c.rng.uniform(0.15, 0.6)
+  by, bx = c.rng.uniform(0.4, 1.1) * c.size, c.rng.uniform(0, c.size)
+  ty, tx = by - length, bx + c.rng.uniform(-0.15, 0.15) * length
+  dy, dx = ty - by, tx - bx
+  t = np.clip(((c.yy - by) * dy + (c.xx - bx) * dx) / (dy * dy + dx * dx), 0, 1)
+  dist = np.hypot(c.yy - by - t * dy, c.xx - bx - t * dx)
+  grey = _hsv(c.rng.random(), c.rng.uniform(0, 0.3), c.rng.uniform(0.1, 0.7))
+  c.paint(dist <= width / 2, np.broadcast_to(grey, c.image.shape), POLE)
+
+
+def _paint_wire(c: _Canvas):
+  """A sagging 1-2 px wire, y = f(x) for x in [x0, x1] with |f'| <= ~1.
+
+  The mask is |y - f(x)| / sqrt(1 + f'(x)^2) <= w/2 (distance to the curve to
+  first order); with a gentle slope every column in range gets a pixel.
+  """
+  width = c.rng.integers(1, 3)
+  span = c.size * c.rng.uniform(0.25, 1.0)
+  x0 = c.rng.uniform(-0.2 * c.size, c.size - 0.5 * span)
+  y0, y1 = c.rng.uniform(0.05, 0.7, 2) * c.size
+  sag = c.rng.uniform(0, 0.1) * span
+  t = (c.xx - x0) / span
+  y = y0 + t * (y1 - y0) + 4 * sag * t * (1 - t)
+  slope = ((y1 - y0) + 4 * sag * (1 - 2 * t)) / span
+  dist = np.abs(c.yy - y) / np.sqrt(1 + slope ** 2)
+  mask = (dist <= width / 2) & (t >= 0) & (t <= 1)
+  dark = _hsv(c.rng.random(), c.rng.uniform(0, 0.5), c.rng.uniform(0.02, 0.35))
+  c.paint(mask, np.broadcast_to(dark, c.image.shape), WIRE)
+
+
+_SHAPES: Dict[int, Callable[[_Canvas, float], None]] = {
+    DISK: _paint_disk, BLOB: _paint_blob, TRIANGLE: _paint_triangle}
+
+
+def _thing_plan(c: _Canvas) -> list:
+  """Painters for the scene's things, in painting (occlusion) order.
+
+  Large shapes (radius 8-24 px) do not depend on difficulty; small shapes
+  (radius 1-6 px: a few pixels up to about a patch), poles and wires scale
+  with it.
+  """
+  d = c.difficulty
+  plan = []
+  for _ in range(c.rng.integers(0, 3)):
+    radius = c.rng.uniform(8, 24)
+    plan.append((_SHAPES[c.rng.choice(list(_SHAPES))], radius))
+  for _ in range(c.rng.poisson(1.2 * d)):
+    radius = np.exp(c.rng.uniform(np.log(1.0), np.log(6.0)))
+    plan.append((_SHAPES[c.rng.choice(list(_SHAPES))], radius))
+  plan += [(_paint_pole, None)] * c.rng.poisson(0.6 * d)
+  plan += [(_paint_wire, None)] * c.rng.poisson(0.35 * d)
+  return [plan[i] for i in c.rng.permutation(len(plan))]
+
+
+def _paint_things(c: _Canvas):
+  for painter, radius in _thing_plan(c):
+    if radius is None:
+      painter(c)
+    else:
+      painter(c, radius)
+
+
+# ----------------------------------------------------------------------------
+# Photometric effects and the public API.
+# ----------------------------------------------------------------------------
+
+
+def _photometric(c: _Canvas) -> np.ndarray:
+  """Illumination, blur and noise; returns the uint8 image [S, S, 3].
+
+  Illumination is a smooth gain over the whole image (a linear ramp plus a
+  low-frequency field), so that a class's colour drifts across the image and
+  across class boundaries. Blur and noise grow with difficulty.
+  """
+  ramp = c.rng.uniform(-0.25, 0.25, 2) @ np.stack([c.yy, c.xx]).reshape(2, -1)
+  gain = 1 + ramp.reshape(c.size, c.size) / c.size + 0.08 * _smooth_field(c, 3)
+  image = c.image * gain[..., None]
+  blur = c.rng.uniform(0, 0.8 * c.difficulty)
+  if blur > 0.2:  # Smaller sigmas barely change anything.
+    image = ndimage.gaussian_filter(image, (blur, blur, 0))
+  noise = 0.025 * c.difficulty * c.rng.standard_normal(image.shape)
+  return np.clip(np.round((image + noise) * 255), 0, 255).astype(np.uint8)
+
+
+def generate_example(
+    split: str, index: int, *, size: int = DEFAULT_SIZE,
+    difficulty: float = DEFAULT_DIFFICULTY) -> Tuple[np.ndarray, np.ndarray]:
+  """Generates example `index` of `split` (deterministic, independent).
+
+  Args:
+    split: 'train', 'validation' or 'test'.
+    index: example index >= 0.
+    size: side S of the square image in pixels.
+    difficulty: >= 0; scales small / thin objects, noise, blur and colour
+      overlap (see the module docstring).
+
+  Returns:
+    image: uint8 [S, S, 3] RGB.
+    label: uint8 [S, S] class ids in [0, NUM_CLASSES); never IGNORE_INDEX.
+  """
+  if split not in SPLIT_IDS:
+    raise ValueError(f'unknown split {split!r}; expected one of '
+                     f'{sorted(SPLIT_IDS)}.')
+  if index < 0 or size < 16 or difficulty < 0:
+    raise ValueError(f'need index >= 0, size >= 16 and difficulty >= 0, got '
+                     f'index={index}, size={size}, difficulty={difficulty}.')
+  rng = np.random.default_rng([SPLIT_IDS[split], index])
+  canvas = _Canvas(rng, size, float(difficulty))
+  _paint_stuff(canvas)
+  _paint_things(canvas)
+  return _photometric(canvas), canvas.label
+
+
+def hard_patch_fraction(label: np.ndarray, patch: int = 16) -> float:
+  """Fraction of patch x patch tiles of `label` that hold more than one class.
+
+  Args:
+    label: integer [H, W] label map; H and W multiples of `patch`.
+    patch: tile side in pixels (the ViT patch size).
+
+  Returns:
+    The fraction in [0, 1] of "hard" tiles.
+  """
+  h, w = label.shape
+  if h % patch or w % patch:
+    raise ValueError(f'label shape {label.shape} is not a multiple of the '
+                     f'patch size {patch}.')
+  tiles = label.reshape(h // patch, patch, w // patch, patch)
+  mixed = tiles.min(axis=(1, 3)) != tiles.max(axis=(1, 3))
+  return float(mixed.mean())
+
+
+def colourize(label: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] picture of a label map [H, W] in PALETTE colours."""
+  return PALETTE[label]

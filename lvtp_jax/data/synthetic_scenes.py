@@ -1,0 +1,221 @@
+"""`synthetic_scenes`: the built-in, offline segmentation dataset (TFDS).
+
+The images come from `scene_generator.generate_example` (see there and
+docs/synthetic_scenes.md for the scenes and the difficulty knob). This module
+wraps them in a TFDS builder, so that they are read like the real datasets,
+with `tfds.data_source` (array_record files, no TensorFlow at read time).
+Preparing needs tensorflow and downloads nothing.
+
+Configs (image size 128, i.e. an 8x8 token grid with 16x16 patches):
+
+* 'default': 4000 train / 500 validation images, difficulty 1.0.
+* 'tiny': 32 train / 16 validation images, for tests.
+
+Typical use:
+
+  from lvtp_jax.data import synthetic_scenes  # registers the builder
+  synthetic_scenes.prepare(data_dir)           # no-op once prepared
+  source = tfds.data_source('synthetic_scenes/default', split='validation',
+                            data_dir=data_dir)
+  example = source[0]  # {'image': [128, 128, 3], 'segmentation':
+                       #  [128, 128, 1], 'index': int}
+
+Command line:
+
+  python -m lvtp_jax.data.synthetic_scenes --prepare DATA_DIR [--config tiny]
+  python -m lvtp_jax.data.synthetic_scenes --preview docs/synthetic_scenes.png
+  python -m lvtp_jax.data.synthetic_scenes --stats 200
+"""
+
+import argparse
+import dataclasses
+import importlib
+import time
+from typing import Iterator, Optional, Sequence, Tuple
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lvtp_jax.data import scene_generator
+from lvtp_jax.data.scene_generator import CLASS_NAMES  # pylint: disable=unused-import
+from lvtp_jax.data.scene_generator import generate_example
+from lvtp_jax.data.scene_generator import hard_patch_fraction
+from lvtp_jax.data.scene_generator import IGNORE_INDEX  # pylint: disable=unused-import
+from lvtp_jax.data.scene_generator import NUM_CLASSES  # pylint: disable=unused-import
+from lvtp_jax.data.scene_generator import PALETTE  # pylint: disable=unused-import
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticScenesConfig(tfds.core.BuilderConfig):
+  """Split sizes and generator settings of one `synthetic_scenes` config."""
+  num_train: int = 4000
+  num_validation: int = 500
+  image_size: int = scene_generator.DEFAULT_SIZE
+  difficulty: float = scene_generator.DEFAULT_DIFFICULTY
+
+
+class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
+  """Procedural scenes with stuff regions and thin / small things."""
+
+  # TFDS 4.9.10 derives code_path with importlib_resources, which it does
+  # not install, for builders outside its package; this is the same value.
+  code_path = epath.Path(__file__)
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [
+      SyntheticScenesConfig(
+          name='default', num_train=4000, num_validation=500,
+          description='4000 train / 500 validation, 128x128, difficulty 1.'),
+      SyntheticScenesConfig(
+          name='tiny', num_train=32, num_validation=16,
+          description='32 train / 16 validation, 128x128, for tests.'),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    return self.dataset_info_from_configs(
+        description=(
+            'Procedurally generated outdoor-like scenes for semantic '
+            f'segmentation; classes: {", ".join(CLASS_NAMES)}.'),
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(size, size, 3),
+                                         dtype=np.uint8),
+            # Class ids 0..NUM_CLASSES-1; the generator never emits 255.
+            'segmentation': tfds.features.Image(shape=(size, size, 1),
+                                                dtype=np.uint8),
+            'index': np.int64,
+        }),
+        supervised_keys=('image', 'segmentation'),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing to download.
+    config = self.builder_config
+    return {
+        'train': self._generate_examples('train', config.num_train),
+        'validation': self._generate_examples(
+            'validation', config.num_validation),
+    }
+
+  def _generate_examples(self, split: str,
+                         count: int) -> Iterator[Tuple[int, dict]]:
+    config = self.builder_config
+    for index in range(count):
+      image, label = generate_example(
+          split, index, size=config.image_size, difficulty=config.difficulty)
+      yield index, {'image': image, 'segmentation': label[..., None],
+                    'index': index}
+
+
+def prepare(data_dir: Optional[str], config: str = 'default') -> None:
+  """Builds `synthetic_scenes/<config>` in array_record format if missing.
+
+  Statistics are not computed: they need a TensorFlow pass over the data and
+  would triple the preparation time for nothing the project reads.
+
+  Args:
+    data_dir: TFDS data directory (None: TFDS's default, ~/tensorflow_datasets).
+    config: 'default' or 'tiny'.
+  """
+  builder = SyntheticScenes(config=config, data_dir=data_dir,
+                            file_format='array_record')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+
+
+# ----------------------------------------------------------------------------
+# Preview picture and statistics.
+# ----------------------------------------------------------------------------
+
+
+def save_preview(path: str, indices: Sequence[int] = tuple(range(8)),
+                 split: str = 'validation',
+                 difficulty: float = scene_generator.DEFAULT_DIFFICULTY
+                 ) -> None:
+  """Writes a PNG of samples (image, label map with the 16 px patch grid).
+
+  Args:
+    path: output file.
+    indices: example indices to show, in pairs of columns, two samples a row.
+    split: split to draw the samples from.
+    difficulty: generator difficulty.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # No display: only files are written.
+  from matplotlib import patches as mpatches  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = (len(indices) + 1) // 2
+  fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows + 0.8),
+                           squeeze=False)
+  for ax in axes.ravel():
+    ax.axis('off')
+  for k, index in enumerate(indices):
+    image, label = generate_example(split, index, difficulty=difficulty)
+    ax_image, ax_label = axes[k // 2, 2 * (k % 2)], axes[k // 2, 2 * (k % 2) + 1]
+    ax_image.imshow(image, interpolation='nearest')
+    ax_image.set_title(f'{split} #{index}', fontsize=9)
+    ax_label.imshow(PALETTE[label], interpolation='nearest')
+    # Patch grid, so that easy and hard tokens can be seen.
+    for line in range(16, label.shape[0], 16):
+      ax_label.axhline(line - 0.5, color='black', linewidth=0.4)
+      ax_label.axvline(line - 0.5, color='black', linewidth=0.4)
+    ax_label.set_title(f'hard patches {hard_patch_fraction(label):.0%}',
+                       fontsize=9)
+  handles = [mpatches.Patch(facecolor=PALETTE[c] / 255, edgecolor='black',
+                            label=f'{c} {name}')
+             for c, name in enumerate(CLASS_NAMES)]
+  fig.legend(handles=handles, loc='lower center', ncol=5, fontsize=9,
+             frameon=False)
+  fig.tight_layout(rect=(0, 0.8 / (2.6 * rows + 0.8), 1, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def mean_hard_patch_fraction(
+    count: int, split: str = 'validation',
+    difficulty: float = scene_generator.DEFAULT_DIFFICULTY) -> float:
+  """Mean `hard_patch_fraction` (16 px patches) over the first `count` images."""
+  return float(np.mean([
+      hard_patch_fraction(generate_example(split, i, difficulty=difficulty)[1])
+      for i in range(count)]))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--prepare', metavar='DATA_DIR',
+                      help='build the dataset into this TFDS data_dir')
+  parser.add_argument('--config', default='default',
+                      choices=[c.name for c in SyntheticScenes.BUILDER_CONFIGS])
+  parser.add_argument('--preview', metavar='PNG',
+                      help='write a picture of 8 validation samples')
+  parser.add_argument('--stats', type=int, metavar='N',
+                      help='print the mean hard-patch fraction of N '
+                      'validation images')
+  parser.add_argument('--difficulty', type=float,
+                      default=scene_generator.DEFAULT_DIFFICULTY,
+                      help='difficulty for --preview and --stats')
+  args = parser.parse_args(argv)
+  if not (args.prepare or args.preview or args.stats):
+    parser.error('nothing to do: give --prepare, --preview or --stats')
+  if args.preview:
+    save_preview(args.preview, difficulty=args.difficulty)
+    print(f'wrote {args.preview}')
+  if args.stats:
+    fraction = mean_hard_patch_fraction(args.stats,
+                                        difficulty=args.difficulty)
+    print(f'mean hard-patch fraction over {args.stats} validation images '
+          f'(difficulty {args.difficulty}): {fraction:.3f}')
+  if args.prepare:
+    start = time.time()
+    # Under `python -m` this file runs as __main__; TFDS must see the builder
+    # of the importable module, not a second copy registered from __main__.
+    importlib.import_module('lvtp_jax.data.synthetic_scenes').prepare(
+        args.prepare, args.config)
+    print(f'prepared synthetic_scenes/{args.config} in {args.prepare} '
+          f'({time.time() - start:.1f} s)')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,103 @@
+"""eval.py for segmentation on a prepared synthetic_scenes/tiny, end to end."""
+
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eval as eval_main
+from lvtp_jax.data import segmentation_datasets
+from lvtp_jax.data import synthetic_scenes
+from lvtp_jax.evaluation import segmentation as seg_eval
+from lvtp_jax.evaluation import segmentation_metrics
+from lvtp_jax.measure import flops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'segmenter_eval.py')
+NUM = 6
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tfds'))
+  synthetic_scenes.prepare(path, config='tiny')
+  return path
+
+
+def _config(data_dir, **eval_overrides):
+  spec = importlib.util.spec_from_file_location('segcfg', CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config('dataset=synthetic_scenes,runlocal')
+  config.data.name = 'synthetic_scenes/tiny'
+  config.data.data_dir = data_dir
+  config.data.num_examples = NUM
+  config.data.batch_size = 4          # 6 images: the last batch is padded
+  config.model.random_init = True
+  config.model.variant = 'Ti/16'
+  config.model.decoder = 'linear'
+  config.eval.progress = False
+  config.eval.update(eval_overrides)
+  return config
+
+
+def test_whole_image_eval_writes_a_consistent_row(data_dir, tmp_path):
+  config = _config(data_dir)
+  out = eval_main.run(config, str(tmp_path))
+  assert json.load(open(tmp_path / 'results.json')) == json.loads(
+      json.dumps(out))
+  (row,) = out['rows']
+  for key in ('miou', 'boundary_miou', 'pixel_accuracy', 'gflops_realized',
+              'gflops_effective', 'images_per_second', 'tokens_per_stage'):
+    assert key in row, key
+  assert row['policy'] == 'none' and row['num_images'] == NUM
+  assert row['tokens_per_stage'] == [65.0]    # 8 x 8 patches + CLS
+
+  # The same images through a plain per-image loop give the same metrics:
+  # batching, padding and masks change nothing.
+  model, params, prep = seg_eval.build_model(config.model, config.seed)
+  source = segmentation_datasets.open_segmentation_source(
+      'synthetic_scenes/tiny', 'validation', data_dir)
+  metrics = segmentation_metrics.SegmentationMetrics(model.num_classes)
+  for i in range(NUM):
+    ex = source[i]
+    image = (ex['image'].astype(np.float32) / 255 - np.array(prep['mean'])) / (
+        np.array(prep['std']))
+    logits = model.apply({'params': params}, jnp.asarray(image[None],
+                                                         jnp.float32))
+    metrics.update(np.asarray(jnp.argmax(logits, -1))[0], ex['segmentation'])
+  want = metrics.result()
+  assert row['miou'] == pytest.approx(want['miou'], abs=1e-6)
+  assert row['boundary_miou'] == pytest.approx(want['boundary_miou'], abs=1e-6)
+
+  effective = 2 * flops.segmenter_macs(model, (128, 128)) / 1e9
+  assert row['gflops_effective'] == pytest.approx(effective)
+  assert 1.0 < row['gflops_realized'] / effective < 1.15
+  assert row['images_per_second'] > 0
+
+
+def test_one_window_slide_equals_whole(data_dir, tmp_path):
+  whole = eval_main.run(_config(data_dir), str(tmp_path / 'w'))['rows'][0]
+  slide = eval_main.run(
+      _config(data_dir, mode='slide', short_size=128, long_max=128,
+              window=128, stride=128), str(tmp_path / 's'))['rows'][0]
+  assert slide['inference']['windows_per_image'] == 1.0
+  assert slide['miou'] == pytest.approx(whole['miou'], abs=1e-4)
+  assert slide['gflops_effective'] == pytest.approx(whole['gflops_effective'])
+
+
+def test_bad_configs_fail_clearly(data_dir, tmp_path):
+  config = _config(data_dir)
+  config.model.num_classes = 3
+  with pytest.raises(ValueError, match=f'has {len(synthetic_scenes.CLASS_NAMES)}'
+                     ' classes but the model'):
+    eval_main.run(config, str(tmp_path))
+  config = _config(data_dir, mode='tiles')
+  with pytest.raises(ValueError, match='config.eval.mode'):
+    eval_main.run(config, str(tmp_path))
+  config = _config(str(tmp_path / 'empty'))
+  with pytest.raises(FileNotFoundError, match='synthetic_scenes'):
+    eval_main.run(config, str(tmp_path))

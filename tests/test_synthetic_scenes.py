@@ -1,0 +1,74 @@
+"""synthetic_scenes: determinism, content, and the prepared TFDS dataset."""
+
+import numpy as np
+from scipy import ndimage
+import tensorflow_datasets as tfds
+
+from lvtp_jax.data import scene_generator as gen
+from lvtp_jax.data import synthetic_scenes
+
+
+def test_examples_are_deterministic_and_independent():
+  a_img, a_lab = gen.generate_example('train', 5)
+  for i in range(3):  # generating others first changes nothing
+    gen.generate_example('train', i)
+  b_img, b_lab = gen.generate_example('train', 5)
+  np.testing.assert_array_equal(a_img, b_img)
+  np.testing.assert_array_equal(a_lab, b_lab)
+  c_img, _ = gen.generate_example('train', 6)
+  v_img, _ = gen.generate_example('validation', 5)
+  assert not np.array_equal(a_img, c_img) and not np.array_equal(a_img, v_img)
+  assert a_img.dtype == np.uint8 and a_img.shape == (128, 128, 3)
+  assert a_lab.dtype == np.uint8 and a_lab.shape == (128, 128)
+
+
+def test_content_has_all_classes_thin_structures_and_mostly_easy_patches():
+  labels = np.stack([gen.generate_example('validation', i)[1]
+                     for i in range(50)])
+  assert labels.max() < gen.NUM_CLASSES and gen.NUM_CLASSES >= 8
+  assert set(np.unique(labels)) == set(range(gen.NUM_CLASSES))
+  # Thin structures: some thing regions at most 3 px wide (an opening with
+  # a 4x4 square removes them completely).
+  thin = 0
+  for lab in labels:
+    for c in (gen.POLE, gen.WIRE):
+      region = lab == c
+      if region.any() and not ndimage.binary_opening(
+          region, np.ones((4, 4))).any():
+        thin += 1
+  assert thin >= 10
+  # Hard (multi-class) 16x16 patches are a minority, easy ones the majority.
+  fraction = np.mean([gen.hard_patch_fraction(lab) for lab in labels])
+  assert 0.15 <= fraction <= 0.45, fraction
+
+
+def test_difficulty_knob_adds_hard_patches():
+  easy = np.mean([gen.hard_patch_fraction(
+      gen.generate_example('validation', i, difficulty=0.3)[1])
+                  for i in range(40)])
+  hard = np.mean([gen.hard_patch_fraction(
+      gen.generate_example('validation', i, difficulty=2.0)[1])
+                  for i in range(40)])
+  assert hard > easy
+
+
+def test_prepared_tiny_dataset_equals_the_generator(tmp_path):
+  synthetic_scenes.prepare(str(tmp_path), config='tiny')
+  source = tfds.data_source('synthetic_scenes/tiny', split='validation',
+                            data_dir=str(tmp_path))
+  assert len(source) == 16
+  for k in range(len(source)):
+    ex = source[k]
+    image, label = gen.generate_example('validation', int(ex['index']))
+    np.testing.assert_array_equal(ex['image'], image)
+    np.testing.assert_array_equal(ex['segmentation'][..., 0], label)
+  # Preparing again is a no-op that keeps the data.
+  synthetic_scenes.prepare(str(tmp_path), config='tiny')
+  assert len(tfds.data_source('synthetic_scenes/tiny', split='train',
+                              data_dir=str(tmp_path))) == 32
+
+
+def test_preview_writes_a_png(tmp_path):
+  path = tmp_path / 'preview.png'
+  synthetic_scenes.save_preview(str(path), indices=(0, 1))
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
