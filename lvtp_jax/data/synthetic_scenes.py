@@ -22,15 +22,13 @@ Typical use:
 
 Command line:
 
-  python -m lvtp_jax.data.synthetic_scenes --prepare DATA_DIR [--config tiny]
+  python -m lvtp_jax.data.prepare synthetic_scenes[/tiny] --data_dir DATA_DIR
   python -m lvtp_jax.data.synthetic_scenes --preview docs/synthetic_scenes.png
   python -m lvtp_jax.data.synthetic_scenes --stats 200
 """
 
 import argparse
 import dataclasses
-import importlib
-import time
 from typing import Iterator, Optional, Sequence, Tuple
 
 from etils import epath
@@ -184,10 +182,6 @@ def mean_hard_patch_fraction(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--prepare', metavar='DATA_DIR',
-                      help='build the dataset into this TFDS data_dir')
-  parser.add_argument('--config', default='default',
-                      choices=[c.name for c in SyntheticScenes.BUILDER_CONFIGS])
   parser.add_argument('--preview', metavar='PNG',
                       help='write a picture of 8 validation samples')
   parser.add_argument('--stats', type=int, metavar='N',
@@ -197,8 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       default=scene_generator.DEFAULT_DIFFICULTY,
                       help='difficulty for --preview and --stats')
   args = parser.parse_args(argv)
-  if not (args.prepare or args.preview or args.stats):
-    parser.error('nothing to do: give --prepare, --preview or --stats')
+  if not (args.preview or args.stats):
+    parser.error('nothing to do: give --preview or --stats (prepare with '
+                 'python -m lvtp_jax.data.prepare synthetic_scenes).')
   if args.preview:
     save_preview(args.preview, difficulty=args.difficulty)
     print(f'wrote {args.preview}')
@@ -207,14 +202,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                         difficulty=args.difficulty)
     print(f'mean hard-patch fraction over {args.stats} validation images '
           f'(difficulty {args.difficulty}): {fraction:.3f}')
-  if args.prepare:
-    start = time.time()
-    # Under `python -m` this file runs as __main__; TFDS must see the builder
-    # of the importable module, not a second copy registered from __main__.
-    importlib.import_module('lvtp_jax.data.synthetic_scenes').prepare(
-        args.prepare, args.config)
-    print(f'prepared synthetic_scenes/{args.config} in {args.prepare} '
-          f'({time.time() - start:.1f} s)')
 
 
 if __name__ == '__main__':
