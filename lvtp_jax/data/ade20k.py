@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from lvtp_jax.data import sources
+
 ARCHIVE_NAME = 'ADEChallengeData2016.zip'
 ARCHIVE_URL = (
     'http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip')
@@ -209,15 +211,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
             '2,000 validation images. segmentation: uint8 training ids, '
             '0..149 = the 150 classes, 255 = ignore (the official 0, '
             '"other"); original values are shifted down by one.'),
-        features=tfds.features.FeaturesDict({
-            # The archive's JPEG bytes are stored as they are (no
-            # re-encoding), so decoding gives the official pixels.
-            'image': tfds.features.Image(
-                shape=(None, None, 3), encoding_format='jpeg'),
-            'segmentation': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png'),
-            'image_id': tfds.features.Text(),
-        }),
+        features=sources.segmentation_features(),
         supervised_keys=('image', 'segmentation'),
         disable_shuffling=True,
         homepage='http://sceneparsing.csail.mit.edu',

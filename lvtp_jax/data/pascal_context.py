@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from lvtp_jax.data import sources
+
 # Accepted archive names in the manual directory, in order of preference.
 ARCHIVE_NAMES = ('pcontext.tar', 'pcontext.zip')
 NUM_CLASSES = 60
@@ -157,14 +159,7 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
             'PASCAL-Context with 60 classes (PC-60): 4,996 train and 5,104 '
             'validation images. segmentation: uint8, 0 = background, '
             '1..59 = classes, 255 = ignore.'),
-        features=tfds.features.FeaturesDict({
-            # The VOC JPEG bytes are stored as they are (no re-encoding).
-            'image': tfds.features.Image(
-                shape=(None, None, 3), encoding_format='jpeg'),
-            'segmentation': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png'),
-            'image_id': tfds.features.Text(),
-        }),
+        features=sources.segmentation_features(),
         supervised_keys=('image', 'segmentation'),
         disable_shuffling=True,
         homepage='https://cs.stanford.edu/~roozbeh/pascal-context/',

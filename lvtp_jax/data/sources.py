@@ -161,3 +161,18 @@ def open_source(name: str,
           '--out_file_format=array_record\n'
           'or prepare it again into another data_dir:\n' + hint) from e
     raise
+
+
+def segmentation_features() -> 'tfds.features.FeaturesDict':
+  """Features of the real-image segmentation builders (ADE20K, PC).
+
+  The source JPEG bytes are stored as they are (no re-encoding), so decoding
+  gives the official pixels; labels are uint8 PNG [H, W, 1].
+  """
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 3),
+                                   encoding_format='jpeg'),
+      'segmentation': tfds.features.Image(shape=(None, None, 1),
+                                          encoding_format='png'),
+      'image_id': tfds.features.Text(),
+  })

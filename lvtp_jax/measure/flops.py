@@ -30,6 +30,25 @@ def block_macs(tokens, width: int, mlp_dim: int):
   return k * (4 * width * width + 2 * width * mlp_dim) + 2 * k * k * width
 
 
+def encoder_macs(model: Any, image_hw, tokens_per_block=None):
+  """(patch count N, MACs of the patch embedding plus all encoder blocks).
+
+  The image is padded to a multiple of the patch (Segmenter does; a ViT
+  classifier only accepts multiples). `tokens_per_block` [..., depth]: tokens
+  entering each block; default: prefix + all patches everywhere.
+  """
+  p = model.patch_size
+  n = (-(-image_hw[0] // p)) * (-(-image_hw[1] // p))
+  if tokens_per_block is None:
+    tokens_per_block = np.full((model.depth,), n + model.num_prefix)
+  tokens = np.asarray(tokens_per_block, np.float64)
+  if tokens.shape[-1] != model.depth:
+    raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
+                     f'last axis, the model has {model.depth} blocks.')
+  blocks = block_macs(tokens, model.width, model.mlp_dim).sum(axis=-1)
+  return n, n * 3 * p * p * model.width + blocks
+
+
 def vit_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
   """Analytic MACs per image of a ViT classifier forward.
 
@@ -44,18 +63,9 @@ def vit_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
   Returns:
     MACs with the leading shape of `tokens_per_block` (a scalar by default).
   """
-  p = model.patch_size
-  n = (image_hw[0] // p) * (image_hw[1] // p)
-  if tokens_per_block is None:
-    tokens_per_block = np.full((model.depth,), n + model.num_prefix)
-  tokens = np.asarray(tokens_per_block, np.float64)
-  if tokens.shape[-1] != model.depth:
-    raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
-                     f'last axis, the model has {model.depth} blocks.')
-  embed = n * 3 * p * p * model.width
+  _, encoder = encoder_macs(model, image_hw, tokens_per_block)
   heads = model.num_classes * model.width * (2 if model.distilled else 1)
-  blocks = block_macs(tokens, model.width, model.mlp_dim).sum(axis=-1)
-  return embed + blocks + heads
+  return encoder + heads
 
 
 def segmenter_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
@@ -72,16 +82,8 @@ def segmenter_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
     tokens_per_block: [..., depth] tokens entering each encoder block;
       default: every block sees prefix + all patches.
   """
-  p = model.patch_size
-  n = (-(-image_hw[0] // p)) * (-(-image_hw[1] // p))
-  if tokens_per_block is None:
-    tokens_per_block = np.full((model.depth,), n + model.num_prefix)
-  tokens = np.asarray(tokens_per_block, np.float64)
-  if tokens.shape[-1] != model.depth:
-    raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
-                     f'last axis, the model has {model.depth} blocks.')
+  n, encoder = encoder_macs(model, image_hw, tokens_per_block)
   d, c = model.width, model.num_classes
-  encoder = n * 3 * p * p * d + block_macs(tokens, d, model.mlp_dim).sum(-1)
   decoder = _decoder_macs(model.decoder, n, d, c, model.decoder_depth)
   aux = len(model.aux_layers) * _decoder_macs(model.aux_head, n, d, c, 1)
   return encoder + decoder + aux
