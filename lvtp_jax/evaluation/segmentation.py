@@ -109,13 +109,31 @@ def _progress(it, total, cfg):
 
 def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Evaluates config.model on config.data; returns one results row."""
+  model, params, prep = build_model(config.model, config.seed)
+  return evaluate_model(config, model, params, prep)
+
+
+def evaluate_model(config: ml_collections.ConfigDict,
+                   model: seg_lib.Segmenter, params: Any,
+                   prep: Dict[str, Any]) -> Dict[str, Any]:
+  """`evaluate` for a given model and params (e.g. just trained).
+
+  Args:
+    config: as for `evaluate`; config.model is not read.
+    model: the Segmenter.
+    params: its parameters.
+    prep: dict with 'mean' and 'std' in 0..1 units, as the images the model
+      was trained on were normalised.
+
+  Returns:
+    One results row (see `evaluate`).
+  """
   if config.pruning.name not in POLICIES:
     raise ValueError(f'config.pruning.name={config.pruning.name!r} is not '
                      f'available for segmentation yet; known: {POLICIES}.')
   if config.eval.mode not in inference.MODES:
     raise ValueError(f'config.eval.mode={config.eval.mode!r}; expected one of '
                      f'{inference.MODES}.')
-  model, params, prep = build_model(config.model, config.seed)
   dataset = segmentation_datasets.get_dataset(config.data.name)
   if dataset.num_classes != model.num_classes:
     raise ValueError(

@@ -1,0 +1,102 @@
+r"""Quickstart: train a small Segmenter with auxiliary heads on synthetic_scenes.
+
+  python train.py --config configs/quickstart.py --workdir runs/quickstart
+
+Prepares synthetic_scenes (128 px, offline) under the TFDS data_dir if
+needed, trains from random initialisation on the CPU, evaluates the final
+model on the validation split and writes runs/quickstart/results.json.
+Re-running the command resumes from the latest checkpoint; add --restart to
+start over.
+
+arg: runlocal (a tiny model and a few steps on synthetic_scenes/tiny, for
+tests and a first look: python train.py --config configs/quickstart.py:runlocal
+--workdir /tmp/qs).
+"""
+
+import ml_collections
+
+from lvtp_jax import config_args
+from lvtp_jax.data import scene_generator
+from lvtp_jax.evaluation import segmentation
+from lvtp_jax.train import optim
+
+
+def get_config(arg=None):
+  arg = config_args.parse_arg(arg, runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.task = 'segmentation'
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.init_from = ''          # converted Segmenter to start from
+  config.model.random_init = True
+  config.model.variant = ''            # e.g. 'Ti/16'; fields below override
+  config.model.width = 192
+  config.model.depth = 6
+  config.model.num_heads = 3
+  config.model.mlp_dim = 768
+  config.model.patch_size = 16
+  config.model.num_classes = scene_generator.NUM_CLASSES
+  config.model.img_size = 128
+  config.model.decoder = 'linear'
+  config.model.decoder_depth = 2
+  config.model.aux_layers = (2, 4)     # auxiliary heads after these blocks
+  config.model.aux_head = 'linear'
+  config.model.normalization = 'vit'
+  config.model.drop_path_rate = 0.0
+
+  config.pruning = ml_collections.ConfigDict()
+  config.pruning.name = 'none'
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'synthetic_scenes'
+  config.data.train_split = 'train'
+  config.data.split = 'validation'     # evaluation split
+  config.data.data_dir = ''            # TFDS data_dir ('' = TFDS default)
+  config.data.crop_size = 128
+  config.data.ratio_range = (0.5, 2.0)
+  config.data.batch_size = 16          # evaluation batch
+  config.data.num_examples = 0         # evaluation images (0 = all)
+
+  config.train = optim.config_defaults()
+  config.train.optimizer = 'adamw'
+  config.train.lr = 1e-3
+  config.train.warmup_steps = 100
+  config.train.num_steps = 2000
+  config.train.weight_decay = 0.01
+  config.train.grad_clip_norm = 1.0
+  config.train.lr_mult = 10.0
+  config.train.lr_mult_regex = r'^(decoder|aux_head_\d+)/'
+  config.train.batch_size = 16
+  config.train.aux_weight = 0.4
+  config.train.log_every = 50
+  config.train.checkpoint_every = 500
+  config.train.max_to_keep = 2
+  config.train.overwrite = False       # delete old checkpoints (--restart)
+  config.train.progress = True
+  config.train.num_threads = 2         # data loader threads
+  config.train.multi_host = False      # call jax.distributed.initialize()
+  config.train.num_devices = 0         # devices of the data mesh (0 = all)
+
+  config.eval = segmentation.config_defaults()
+  config.eval.update(dict(mode='whole', size=128, short_size=0, long_max=0))
+
+  if arg.runlocal:
+    config.data.name = 'synthetic_scenes/tiny'
+    config.model.width = 32
+    config.model.depth = 2
+    config.model.num_heads = 2
+    config.model.mlp_dim = 64
+    config.model.aux_layers = (1,)
+    config.data.crop_size = 64
+    config.data.batch_size = 8
+    config.data.num_examples = 8
+    config.train.batch_size = 4
+    config.train.warmup_steps = 1
+    config.train.num_steps = 3
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.eval.timing_iters = 1
+    config.eval.timing_rounds = 1
+    config.eval.warmup = 1
+  return config

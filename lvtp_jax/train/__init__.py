@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, checkpoints and the loop (train.py)."""

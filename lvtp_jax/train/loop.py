@@ -1,0 +1,273 @@
+"""Segmentation training: `train_and_evaluate(config, workdir)`.
+
+One jitted step over a ('data',) mesh of all devices: the batch is sharded
+along the data axis, the train state is replicated, and XLA inserts the
+gradient all-reduce. The state is donated, so a step updates it in place.
+
+Loss = pixel cross-entropy of the final logits (ignore 255)
+       + train.aux_weight * sum_k token cross-entropy of aux head k
+(per-token targets: lvtp_jax.train.losses). Drop-path draws from
+fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
+
+Written to WORKDIR: checkpoints/ (lvtp_jax.train.checkpoint), metrics.jsonl
+(one line per log interval: step, losses averaged over the interval, lr,
+images/s; the first interval includes compilation), config.json and, at the
+end, results.json (the evaluation row of lvtp_jax.evaluation.segmentation).
+Loss values are fetched at log and checkpoint steps only (no per-step host
+sync); a non-finite loss stops the run naming its first bad step and the
+last checkpoint, which is never one saved after that step.
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Tuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from lvtp_jax.data import segmentation as seg_data
+from lvtp_jax.data import segmentation_datasets
+from lvtp_jax.evaluation import results
+from lvtp_jax.evaluation import segmentation as seg_eval
+from lvtp_jax.models import segmenter as seg_lib
+from lvtp_jax.train import checkpoint
+from lvtp_jax.train import losses
+from lvtp_jax.train import model_init
+from lvtp_jax.train import optim
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises a ValueError naming an out-of-range training field and the fix."""
+  t, d, m = config.train, config.data, config.model
+  optim.validate(t)
+  if t.batch_size <= 0 or t.batch_size % num_devices:
+    raise ValueError(
+        f'train.batch_size={t.batch_size} must be a positive multiple of the '
+        f'number of devices ({num_devices}).')
+  if t.aux_weight < 0:
+    raise ValueError(f'train.aux_weight={t.aux_weight} must be >= 0.')
+  if t.log_every <= 0:
+    raise ValueError(f'train.log_every={t.log_every} must be > 0.')
+  if not m.aux_layers and t.aux_weight:
+    logging.warning('train.aux_weight=%s but model.aux_layers is empty.',
+                    t.aux_weight)
+  if not 0 <= m.drop_path_rate < 1:
+    raise ValueError(f'model.drop_path_rate={m.drop_path_rate} not in [0, 1).')
+  if d.crop_size <= 0:
+    raise ValueError(f'data.crop_size={d.crop_size} must be > 0.')
+
+
+def _prepare_synthetic(config: ml_collections.ConfigDict) -> None:
+  """Builds synthetic_scenes[/config] under data.data_dir if it is missing."""
+  name = config.data.name
+  if not name.startswith('synthetic_scenes'):
+    return
+  from lvtp_jax.data import synthetic_scenes  # pylint: disable=g-import-not-at-top
+  synthetic_scenes.prepare(config.data.data_dir or None,
+                           config=name.partition('/')[2] or 'default')
+
+
+def make_train_step(model, tx, schedule, config, mesh):
+  """jit(state, batch) -> (state, metrics) over `mesh`, donating the state."""
+  aux_weight = config.train.aux_weight
+
+  def loss_fn(params, batch, rng):
+    logits, aux = model.apply(
+        {'params': params}, batch['image'], train=True, return_aux=True,
+        rngs={'dropout': rng})
+    labels = batch['segmentation']
+    metrics = {'main_loss': losses.pixel_cross_entropy(logits, labels)}
+    total = metrics['main_loss']
+    if aux['aux_logits']:
+      targets, valid = losses.token_targets(labels, model.patch_size,
+                                            model.num_classes)
+      for k, token_logits in aux['aux_logits'].items():
+        metrics[f'aux_loss_{k}'] = losses.token_cross_entropy(
+            token_logits, targets, valid)
+        total = total + aux_weight * metrics[f'aux_loss_{k}']
+    metrics['loss'] = total
+    return total, metrics
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(
+        state['params'], batch, rng)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    metrics['lr'] = schedule(state['step'])
+    return dict(params=optax.apply_updates(state['params'], updates),
+                opt_state=opt_state, step=state['step'] + 1,
+                rng=state['rng']), metrics
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
+  return jax.jit(step_fn, in_shardings=(replicated, batch_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-d ('data',) mesh (Auto axis: GSPMD decides the collectives).
+
+  Args:
+    num_devices: use the first this many devices (0 = all of them).
+  """
+  devices = jax.devices()
+  if not 0 <= num_devices <= len(devices):
+    raise ValueError(f'train.num_devices={num_devices} but there are '
+                     f'{len(devices)} devices (0 = all).')
+  devices = devices[:num_devices or None]
+  return jax.sharding.Mesh(np.asarray(devices), ('data',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class _MetricsLog:
+  """Accumulates device metrics between host syncs; writes metrics.jsonl."""
+
+  def __init__(self, workdir: str, batch_size: int, checkpointer):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.batch_size = batch_size
+    self.checkpointer = checkpointer
+    self.pending: List[Dict[str, Any]] = []
+    self.first_step = 0
+    self.t0 = time.perf_counter()
+
+  def add(self, step: int, metrics: Dict[str, Any]) -> None:
+    if not self.pending:
+      self.first_step = step
+    self.pending.append(metrics)
+
+  def flush(self, write: bool) -> Dict[str, float]:
+    """Fetches pending metrics, stops on a non-finite loss, logs the mean."""
+    if not self.pending:
+      return {}
+    fetched = jax.device_get(self.pending)
+    loss = np.array([m['loss'] for m in fetched])
+    bad = np.flatnonzero(~np.isfinite(loss))
+    if bad.size:
+      self.checkpointer.wait_until_finished()
+      raise FloatingPointError(
+          f'loss is {loss[bad[0]]} at step {self.first_step + bad[0] + 1}; '
+          f'last good checkpoint: step {self.checkpointer.latest_step()} in '
+          f'{self.checkpointer.directory}. Lower train.lr or enable '
+          'train.grad_clip_norm; the run resumes from that checkpoint.')
+    elapsed = time.perf_counter() - self.t0
+    row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    row['lr'] = float(fetched[-1]['lr'])
+    row['step'] = self.first_step + len(fetched)
+    row['images_per_second'] = len(fetched) * self.batch_size / elapsed
+    if write and jax.process_index() == 0:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    self.pending, self.t0 = [], time.perf_counter()
+    return row
+
+
+def train(config: ml_collections.ConfigDict, workdir: str
+          ) -> Tuple[seg_lib.Segmenter, Any, Dict[str, Any]]:
+  """Trains config's Segmenter in workdir, resuming from its checkpoint.
+
+  Args:
+    config: experiment config (configs/quickstart.py shows every field).
+    workdir: run directory.
+
+  Returns:
+    (model, params, prep): the Segmenter, its trained parameters (host
+    arrays) and the image normalisation (mean, std in 0..1) it was trained
+    with.
+  """
+  if config.train.multi_host:
+    if config.train.num_devices:
+      raise ValueError('train.num_devices must be 0 (all) with multi_host.')
+    jax.distributed.initialize()
+  mesh = make_mesh(config.train.num_devices)
+  validate(config, mesh.size)
+  os.makedirs(workdir, exist_ok=True)
+  _prepare_synthetic(config)
+  model, params, prep, initialised = model_init.build(config.model,
+                                                      config.seed)
+  if initialised:
+    logging.warning('initialised (not in %s): %s', config.model.init_from,
+                    initialised)
+  dataset = segmentation_datasets.get_dataset(config.data.name)
+  if dataset.num_classes != model.num_classes:
+    raise ValueError(f'{config.data.name} has {dataset.num_classes} classes '
+                     f'but the model predicts {model.num_classes}.')
+  if config.data.crop_size % model.patch_size:
+    raise ValueError(f'data.crop_size={config.data.crop_size} must be a '
+                     f'multiple of the patch size {model.patch_size}.')
+
+  tx = optim.make_optimizer(config.train)
+  schedule = optim.make_schedule(config.train)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init_state():
+    state = dict(params=params, opt_state=tx.init(params),
+                 step=jnp.zeros((), jnp.int32),
+                 rng=jax.random.PRNGKey(config.seed))
+    return jax.device_put(state, replicated)
+
+  state, start, ckpt = checkpoint.restore_or_init(workdir, config, init_state)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  train_step = make_train_step(model, tx, schedule, config, mesh)
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
+  source = segmentation_datasets.open_segmentation_source(
+      config.data.name, config.data.train_split, config.data.data_dir or None)
+  batches = seg_data.train_batches(
+      source, batch_size=config.train.batch_size,
+      crop_size=config.data.crop_size, seed=config.seed, start_step=start,
+      num_threads=config.train.num_threads,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      mean=tuple(255.0 * v for v in prep['mean']),
+      std=tuple(255.0 * v for v in prep['std']),
+      ratio_range=tuple(config.data.ratio_range))
+  to_global = functools.partial(jax.make_array_from_process_local_data,
+                                batch_sharding)
+  num_steps = config.train.num_steps
+  log = _MetricsLog(workdir, config.train.batch_size, ckpt)
+  bar = tqdm.tqdm(total=num_steps, initial=start, unit='step', file=sys.stderr,
+                  disable=not config.train.progress or jax.process_index())
+  try:
+    for step in range(start, num_steps):
+      batch = jax.tree.map(to_global, next(batches))
+      state, metrics = train_step(state, batch)
+      log.add(step, metrics)
+      done = step + 1
+      bar.update(1)
+      save = ckpt.manager.should_save(done) or done == num_steps
+      if save or done % config.train.log_every == 0:
+        row = log.flush(write=True)
+        bar.set_postfix(loss=f'{row["loss"]:.4f}', lr=f'{row["lr"]:.2e}',
+                        img_s=f'{row["images_per_second"]:.1f}')
+      if save:
+        ckpt.save(done, state, config, force=done == num_steps)
+    ckpt.wait_until_finished()
+  finally:
+    bar.close()
+    ckpt.close()
+  return model, jax.device_get(state['params']), prep
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Dict[str, Any]:
+  """`train`, then evaluates the result and writes workdir/results.json.
+
+  Returns:
+    The content written to workdir/results.json.
+  """
+  model, params, prep = train(config, workdir)
+  row = seg_eval.evaluate_model(config, model, params, prep)
+  row['train_steps'] = config.train.num_steps
+  if jax.process_index() == 0:
+    return results.write(workdir, [row])
+  return dict(rows=[row])

@@ -1,0 +1,291 @@
+"""Training: optimizer, losses, resume, multi-device, bad input, quickstart."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from lvtp_jax.data import synthetic_scenes
+from lvtp_jax.train import loop
+from lvtp_jax.train import losses
+from lvtp_jax.train import optim
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'configs'))
+import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+# ----------------------------------------------------------------------------
+# Optimizer and losses (no model).
+# ----------------------------------------------------------------------------
+
+
+def _train_cfg(**kw):
+  cfg = optim.config_defaults()
+  cfg.update(kw)
+  return cfg
+
+
+def test_schedule_warmup_then_poly():
+  cfg = _train_cfg(lr=1.0, end_lr=0.1, power=2.0, warmup_steps=4,
+                   num_steps=14)
+  sched = optim.make_schedule(cfg)
+  # warm-up: t / 4; decay: 0.9 * (1 - (t - 4) / 10) ** 2 + 0.1.
+  expected = {0: 0.0, 2: 0.5, 4: 1.0, 9: 0.9 * 0.25 + 0.1, 14: 0.1, 20: 0.1}
+  for t, v in expected.items():
+    np.testing.assert_allclose(float(sched(t)), v, rtol=1e-6, err_msg=t)
+
+
+def _one_update(mult, **kw):
+  params = {'decoder': {'kernel': jnp.ones((2, 2))},
+            'encoder': {'kernel': jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda x: 0.5 * x, params)
+  tx = optim.make_optimizer(_train_cfg(
+      optimizer='sgd', lr=0.1, momentum=0.0, num_steps=10, lr_mult=mult,
+      lr_mult_regex='^decoder/', **kw))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates
+
+
+def test_lr_multiplier_scales_matching_params_only():
+  base, mult = _one_update(1.0), _one_update(10.0)
+  np.testing.assert_allclose(base['decoder']['kernel'], -0.05)
+  np.testing.assert_allclose(mult['decoder']['kernel'], -0.5)
+  np.testing.assert_allclose(mult['encoder']['kernel'], -0.05)
+
+
+def test_gradient_clipping():
+  # grads 0.5 on 8 entries: global norm sqrt(2); clipped to 0.1.
+  clipped = _one_update(1.0, grad_clip_norm=0.1)
+  total = optax.global_norm(clipped) / 0.1  # undo lr
+  np.testing.assert_allclose(total, 0.1, rtol=1e-6)
+  np.testing.assert_allclose(optax.global_norm(_one_update(1.0)) / 0.1,
+                             np.sqrt(2.0), rtol=1e-6)
+
+
+def test_weight_decay_mask():
+  params = {'blocks_0': {'fc': {'kernel': jnp.ones((2, 2)),
+                                'bias': jnp.ones(2)},
+                         'norm': {'scale': jnp.ones(2)}},
+            'pos_embed': jnp.ones((1, 3, 2)), 'cls_token': jnp.ones((1, 1, 2))}
+  mask = optim.decay_mask(params)
+  assert mask['blocks_0']['fc']['kernel']
+  assert not any([mask['blocks_0']['fc']['bias'],
+                  mask['blocks_0']['norm']['scale'], mask['pos_embed'],
+                  mask['cls_token']])
+
+
+def test_optimizer_config_errors():
+  with pytest.raises(ValueError, match='train.lr=0'):
+    optim.make_optimizer(_train_cfg(lr=0.0))
+  with pytest.raises(ValueError, match='train.optimizer'):
+    optim.make_optimizer(_train_cfg(optimizer='lamb'))
+  with pytest.raises(ValueError, match='warmup_steps'):
+    optim.make_optimizer(_train_cfg(warmup_steps=10, num_steps=10))
+
+
+def test_token_targets_majority_and_ignore():
+  labels = np.full((1, 4, 4), 255, np.int32)
+  labels[0, :2, :2] = [[1, 1], [2, 255]]    # majority 1
+  labels[0, :2, 2:] = [[3, 2], [2, 3]]      # tie 2/3 -> 2
+  labels[0, 2:, :2] = 0                     # all 0
+  targets, valid = losses.token_targets(jnp.asarray(labels), 2, 4)
+  np.testing.assert_array_equal(targets[0, :3], [1, 2, 0])
+  np.testing.assert_array_equal(valid[0], [True, True, True, False])
+
+
+def test_pixel_cross_entropy_ignores_255():
+  logits = jnp.zeros((1, 1, 2, 4)).at[0, 0, 0, 1].set(5.0)
+  labels = jnp.array([[[1, 255]]])
+  expected = -jax.nn.log_softmax(logits[0, 0, 0])[1]
+  np.testing.assert_allclose(losses.pixel_cross_entropy(logits, labels),
+                             expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Training runs on synthetic_scenes/tiny.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Persistent XLA cache: the runs below compile the same step repeatedly."""
+  path = str(tmp_path_factory.mktemp('xla_cache'))
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {n: getattr(jax.config, n) for n in names}
+  for n, v in zip(names, (path, 0.0, 0)):
+    jax.config.update(n, v)
+  yield path
+  for n, v in old.items():
+    jax.config.update(n, v)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tfds'))
+  synthetic_scenes.prepare(path, config='tiny')
+  return path
+
+
+def _config(data_dir, **train):
+  config = quickstart.get_config('runlocal')
+  config.data.data_dir = data_dir
+  config.train.progress = False
+  config.train.update(train)
+  return config
+
+
+def _final_params(workdir, step):
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return state['params']
+
+
+@pytest.fixture(scope='module')
+def quickstart_run(data_dir, tmp_path_factory):
+  """The runlocal quickstart, end to end (3 steps, aux head, evaluation)."""
+  workdir = str(tmp_path_factory.mktemp('quickstart'))
+  out = loop.train_and_evaluate(_config(data_dir), workdir)
+  return workdir, out
+
+
+def test_quickstart_runlocal_end_to_end(quickstart_run):
+  workdir, out = quickstart_run
+  with open(os.path.join(workdir, 'results.json')) as f:
+    written = json.load(f)
+  assert written == out
+  row = written['rows'][0]
+  assert 0 <= row['miou'] <= 100 and 0 <= row['boundary_miou'] <= 100
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [r['step'] for r in lines] == [1, 2, 3]
+  assert {'loss', 'main_loss', 'aux_loss_1', 'lr',
+          'images_per_second'} <= set(lines[0])
+  np.testing.assert_allclose(
+      lines[0]['loss'], lines[0]['main_loss'] + 0.4 * lines[0]['aux_loss_1'],
+      rtol=1e-5)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_resume_after_kill_gives_identical_params(quickstart_run, data_dir,
+                                                  tmp_path, monkeypatch):
+  reference_dir, _ = quickstart_run
+  workdir = str(tmp_path)
+  real_batches = loop.seg_data.train_batches
+
+  def killed_after_two(*args, **kwargs):
+    it = real_batches(*args, **kwargs)
+    yield next(it)
+    yield next(it)
+    raise _Killed()
+
+  monkeypatch.setattr(loop.seg_data, 'train_batches', killed_after_two)
+  with pytest.raises(_Killed):
+    loop.train(_config(data_dir), workdir)
+  monkeypatch.setattr(loop.seg_data, 'train_batches', real_batches)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
+  loop.train(_config(data_dir), workdir)  # resumes at step 2
+  jax.tree.map(np.testing.assert_array_equal, _final_params(workdir, 3),
+               _final_params(reference_dir, 3))
+
+
+def test_checkpoint_of_another_config_is_refused(quickstart_run, data_dir):
+  workdir, _ = quickstart_run
+  config = _config(data_dir, lr=0.5, num_steps=5)
+  config.model.aux_layers = ()
+  with pytest.raises(ValueError) as e:
+    loop.train(config, workdir)
+  message = str(e.value)
+  assert 'train.lr: 0.001 -> 0.5' in message
+  assert 'model.aux_layers' in message and '--restart' in message
+  assert 'num_steps' not in message  # may change on resume
+
+
+def test_nan_loss_names_step_and_checkpoint(data_dir, tmp_path,
+                                           monkeypatch):
+  real_batches = loop.seg_data.train_batches
+
+  def poisoned_second_batch(*args, **kwargs):
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == 1:
+        batch['image'][0, 0, 0, 0] = np.nan
+      yield batch
+
+  monkeypatch.setattr(loop.seg_data, 'train_batches', poisoned_second_batch)
+  with pytest.raises(FloatingPointError,
+                     match=r'at step 2; last good checkpoint: step 1 '):
+    loop.train(_config(data_dir), str(tmp_path))
+  # Nothing after the bad step was saved.
+  assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['1']
+
+
+def test_out_of_range_config_values(data_dir, tmp_path):
+  with pytest.raises(ValueError, match='multiple of the number of devices'):
+    loop.train(_config(data_dir, batch_size=0), str(tmp_path))
+  with pytest.raises(ValueError, match='train.num_devices=99'):
+    loop.train(_config(data_dir, num_devices=99), str(tmp_path))
+  config = _config(data_dir)
+  config.model.aux_layers = (2,)
+  with pytest.raises(ValueError, match='aux_layers'):
+    loop.train(config, str(tmp_path))
+  config = _config(data_dir)
+  config.data.crop_size = 40
+  with pytest.raises(ValueError, match='multiple of the patch size'):
+    loop.train(config, str(tmp_path))
+
+
+_MULTI_DEVICE = r'''
+import json, os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], 'configs'))
+import jax, numpy as np
+import quickstart
+from lvtp_jax.train import loop
+assert jax.device_count() == 4, jax.devices()
+out = {}
+for n in (1, 4):
+  config = quickstart.get_config('runlocal')
+  config.data.data_dir = sys.argv[2]
+  # SGD: the update is linear in the gradient. Adam's first step is
+  # lr * sign(g), which turns reduction-order noise on (near-)zero gradients
+  # (e.g. the attention key bias) into lr-sized differences.
+  config.train.update(progress=False, num_steps=1, warmup_steps=0,
+                      optimizer='sgd', num_devices=n)
+  workdir = os.path.join(sys.argv[3], str(n))
+  _, params, _ = loop.train(config, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    loss = json.loads(f.readline())['loss']
+  np.savez(os.path.join(workdir, 'params.npz'),
+           *jax.tree.leaves(params))
+  out[n] = loss
+print(json.dumps(out))
+'''
+
+
+def test_four_devices_equal_one_device(data_dir, tmp_path, compilation_cache):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
+             JAX_COMPILATION_CACHE_DIR=compilation_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  proc = subprocess.run(
+      [sys.executable, '-c', _MULTI_DEVICE, REPO, data_dir, str(tmp_path)],
+      env=env, capture_output=True, text=True, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  losses_by_n = json.loads(proc.stdout.strip().splitlines()[-1])
+  np.testing.assert_allclose(losses_by_n['4'], losses_by_n['1'], atol=1e-5)
+  one = np.load(tmp_path / '1' / 'params.npz')
+  four = np.load(tmp_path / '4' / 'params.npz')
+  assert len(one.files) > 10
+  for k in one.files:
+    np.testing.assert_allclose(four[k], one[k], atol=1e-5, err_msg=k)
