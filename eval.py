@@ -1,11 +1,15 @@
 """Evaluate what a config describes and write WORKDIR/results.json.
 
+  python eval.py --config configs/quickstart.py --workdir runs/quickstart
   python eval.py --config configs/deit_imagenet.py --workdir /tmp/deit_s16 \
       --config.model.init_from=ckpt/deit_s16
   python eval.py --config configs/segmenter_eval.py:dataset=ade20k \
       --workdir /tmp/seg_tiny --config.model.init_from=ckpt/seg_tiny_mask
 
-Any config field can be overridden with --config.<a>.<b>=value.
+Segmentation: WORKDIR's latest training checkpoint is evaluated when there
+is one (a train.py run with the same config), else config.model.init_from.
+Every setting of config.sweep (a list of overrides) gives one row. Any
+config field can be overridden with --config.<a>.<b>=value.
 """
 
 from absl import app
@@ -23,8 +27,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
                                'directory that receives results.json')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_TASKS = {'classification': classification.evaluate,
-          'segmentation': segmentation.evaluate}
+_TASKS = ('classification', 'segmentation')
 
 
 def run(config, workdir: str):
@@ -32,7 +35,10 @@ def run(config, workdir: str):
   if config.task not in _TASKS:
     raise ValueError(f'config.task={config.task!r} has no evaluator; known: '
                      f'{sorted(_TASKS)}.')
-  rows = [_TASKS[config.task](config)]
+  if config.task == 'segmentation':
+    rows = segmentation.evaluate(config, workdir)
+  else:
+    rows = [classification.evaluate(config)]
   return results.write(workdir, rows)
 
 

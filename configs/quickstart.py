@@ -54,7 +54,10 @@ def get_config(arg=None):
   config.data.split = 'validation'     # evaluation split
   config.data.data_dir = ''            # TFDS data_dir ('' = TFDS default)
   config.data.crop_size = 128
-  config.data.ratio_range = (0.5, 2.0)
+  config.data.ratio_range = (0.5, 2.0)     # random rescale of the image
+  config.data.base_scale = ()              # mmseg img_scale (() = own size)
+  config.data.cat_max_ratio = 0.75         # crop class-dominance limit (0 off)
+  config.data.photometric = True           # photometric distortion
   config.data.batch_size = 16          # evaluation batch
   config.data.num_examples = 0         # evaluation images (0 = all)
 
@@ -62,7 +65,7 @@ def get_config(arg=None):
   config.train.optimizer = 'adamw'
   config.train.lr = 1e-3
   config.train.warmup_steps = 100
-  config.train.num_steps = 2000
+  config.train.num_steps = 1500
   config.train.weight_decay = 0.01
   config.train.grad_clip_norm = 1.0
   config.train.lr_mult = 10.0
@@ -71,6 +74,8 @@ def get_config(arg=None):
   config.train.aux_weight = 0.4
   config.train.log_every = 50
   config.train.checkpoint_every = 500
+  config.train.eval_every = 500        # quick validation mIoU (0 = end only)
+  config.train.eval_examples = 100     # ... on this many images (0 = all)
   config.train.max_to_keep = 2
   config.train.overwrite = False       # delete old checkpoints (--restart)
   config.train.progress = True
@@ -80,6 +85,9 @@ def get_config(arg=None):
 
   config.eval = segmentation.config_defaults()
   config.eval.update(dict(mode='whole', size=128, short_size=0, long_max=0))
+  # Evaluation settings, one results row each (dotted overrides of this
+  # config); () = one row for the config as it is.
+  config.sweep = ()
 
   if arg.runlocal:
     config.data.name = 'synthetic_scenes/tiny'
@@ -96,6 +104,8 @@ def get_config(arg=None):
     config.train.num_steps = 3
     config.train.log_every = 1
     config.train.checkpoint_every = 2
+    config.train.eval_every = 2
+    config.train.eval_examples = 4
     config.eval.timing_iters = 1
     config.eval.timing_rounds = 1
     config.eval.warmup = 1

@@ -20,26 +20,9 @@ import ml_collections
 from lvtp_jax import config_args
 from lvtp_jax.evaluation import segmentation
 
-# dataset -> (split, eval overrides): segm/eval/miou.py defaults per dataset
-# (../shared/specs/weights_and_data.md §2.6).
-PROTOCOLS = {
-    'ade20k': ('validation', dict(mode='slide', short_size=512, long_max=2048,
-                                  window=512, stride=480)),
-    'cityscapes': ('validation', dict(mode='slide', short_size=1024,
-                                      long_max=2048, window=768, stride=736)),
-    'pascal_context': ('validation', dict(mode='slide', short_size=520,
-                                          long_max=4160, window=480,
-                                          stride=448)),
-    'synthetic_scenes': ('validation', dict(mode='whole', size=128,
-                                            short_size=0, long_max=0)),
-}
-
-
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, dataset='ade20k', runlocal=False)
-  if arg.dataset not in PROTOCOLS:
-    raise ValueError(f'dataset={arg.dataset!r}; known: {sorted(PROTOCOLS)}.')
-  split, protocol = PROTOCOLS[arg.dataset]
+  split, protocol = segmentation.protocol(arg.dataset)
   config = ml_collections.ConfigDict()
   config.task = 'segmentation'
   config.seed = 0
@@ -69,6 +52,7 @@ def get_config(arg=None):
 
   config.eval = segmentation.config_defaults()
   config.eval.update(protocol)
+  config.sweep = ()                      # evaluation settings (one row each)
 
   if arg.dataset == 'synthetic_scenes':
     from lvtp_jax.data import scene_generator  # pylint: disable=g-import-not-at-top

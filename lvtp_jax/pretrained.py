@@ -8,6 +8,7 @@ A config names DIR in `config.model.init_from`; `load` rebuilds the module and
 restores the parameters.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict, Tuple
@@ -18,6 +19,15 @@ import orbax.checkpoint as ocp
 from lvtp_jax import models
 
 FORMAT = 'lvtp_jax.pretrained/1'
+# Module fields that are not part of the stored architecture: flax
+# bookkeeping, the compute dtype, and the evaluation-time pruning policy.
+_NOT_STORED = ('parent', 'name', 'dtype', 'pruning')
+
+
+def module_fields(model) -> Dict[str, Any]:
+  """A module's constructor fields as JSON-friendly values (see _NOT_STORED)."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.name not in _NOT_STORED}
 
 
 def save(out_dir: str, params: Any, meta: Dict[str, Any],

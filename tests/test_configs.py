@@ -65,3 +65,37 @@ def test_parse_arg_types_and_errors():
     config_args.parse_arg('flag=maybe', flag=False)
   with pytest.raises(ValueError, match=r"known: \['n'\]"):
     config_args.parse_arg('m=1', n=1)
+
+
+def test_segmenter_train_recipes():
+  mod = _load(os.path.join(REPO, 'configs', 'segmenter_train.py'))
+  for dataset, classes in (('ade20k', 150), ('cityscapes', 19),
+                           ('pascal_context', 60)):
+    for variant in 'TSBL':
+      for decoder in ('linear', 'mask_transformer'):
+        for aux in ('none', 'dtop'):
+          c = mod.get_config(f'dataset={dataset},variant={variant},'
+                             f'decoder={decoder},aux={aux}')
+          assert c.model.num_classes == classes
+          assert c.model.decoder == decoder
+          assert c.model.depth == (24 if variant == 'L' else 12)
+          assert c.eval.window == c.data.crop_size == c.model.img_size
+          assert c.eval.stride == c.eval.window - 32
+          want_aux = ((8, 16) if variant == 'L' else (6, 8)) if aux == 'dtop' \
+              else ()
+          assert tuple(c.model.aux_layers) == want_aux
+          assert c.train.optimizer == 'sgd' and c.train.power == 0.9
+  ade = mod.get_config('dataset=ade20k,variant=B')
+  assert (ade.train.batch_size, ade.train.lr, ade.train.num_steps,
+          ade.data.crop_size) == (8, 1e-3, 160_000, 512)
+  assert (ade.eval.window, ade.eval.stride) == (512, 480)
+  large = mod.get_config('dataset=ade20k,variant=L')
+  assert (large.data.crop_size, large.eval.window, large.eval.stride,
+          large.eval.short_size) == (640, 640, 608, 640)
+  pc = mod.get_config('dataset=pascal_context')
+  assert (pc.train.batch_size, pc.data.crop_size, pc.train.num_steps) == (
+      16, 480, 80_000)
+  city = mod.get_config('dataset=cityscapes')
+  assert (city.train.lr, city.data.crop_size) == (1e-2, 768)
+  with pytest.raises(ValueError, match='variant'):
+    mod.get_config('variant=H')

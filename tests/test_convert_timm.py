@@ -192,3 +192,51 @@ def test_cli_writes_a_loadable_converted_directory(tmp_path):
                                 ours_logits(direct_model, direct_params, x))
   with pytest.raises(FileNotFoundError, match='python -m lvtp_jax.convert'):
     pretrained.load(os.path.join(str(tmp_path), 'nowhere'))
+
+
+def _load_config(name):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'configs', name + '.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_segmenter_from_an_imagenet_backbone(tmp_path):
+  """Encoder from a converted timm ViT, pos_embed resized as the official
+  code does (torch bilinear, align_corners=False), head dropped."""
+  from lvtp_jax.train import model_init  # pylint: disable=g-import-not-at-top
+  segmenter_train = _load_config('segmenter_train')
+  torch.manual_seed(0)
+  net = timm.create_model('vit_tiny_patch16_224', pretrained=False)
+  with torch.no_grad():
+    for p in net.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  sd = {k: v.numpy() for k, v in net.state_dict().items()}
+  vit, vit_params = timm_convert.from_timm('vit_tiny_patch16_224', sd)
+  out = str(tmp_path / 'vit_ti16')
+  pretrained.save(out, vit_params, dict(
+      architecture='vit', model=pretrained.module_fields(vit),
+      data=dict(mean=[0.5] * 3, std=[0.5] * 3)))
+
+  config = segmenter_train.get_config('variant=T,decoder=linear,aux=dtop')
+  config.model.init_from = out
+  config.model.img_size = 256
+  model, params, prep, initialised = model_init.build(config.model, seed=0)
+  assert (model.width, model.depth, model.img_size, model.ln_eps) == (
+      192, 12, 256, 1e-5)
+  assert prep['mean'] == [0.5] * 3
+  assert {p.split('/')[0] for p in initialised} == {
+      'decoder', 'aux_head_6', 'aux_head_8'}
+  np.testing.assert_array_equal(params['encoder']['blocks_3']['mlp']['fc1'][
+      'kernel'], sd['blocks.3.mlp.fc1.weight'].T)
+  pe = torch.from_numpy(sd['pos_embed'])
+  grid = pe[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+  grid = torch.nn.functional.interpolate(grid, size=(16, 16), mode='bilinear',
+                                         align_corners=False)
+  want = torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 256, 192)],
+                   1).numpy()
+  np.testing.assert_allclose(params['encoder']['pos_embed'], want, atol=1e-6)
+  assert 'head' not in params['encoder']

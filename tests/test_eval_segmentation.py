@@ -58,7 +58,7 @@ def test_whole_image_eval_writes_a_consistent_row(data_dir, tmp_path):
 
   # The same images through a plain per-image loop give the same metrics:
   # batching, padding and masks change nothing.
-  model, params, prep = seg_eval.build_model(config.model, config.seed)
+  model, params, prep, _ = seg_eval.build_model(config)
   source = segmentation_datasets.open_segmentation_source(
       'synthetic_scenes/tiny', 'validation', data_dir)
   metrics = segmentation_metrics.SegmentationMetrics(model.num_classes)

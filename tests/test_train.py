@@ -144,6 +144,10 @@ def _config(data_dir, **train):
   return config
 
 
+def quickstart_run_data_dir(out):
+  return out['data_dir']
+
+
 def _final_params(workdir, step):
   state = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, 'checkpoints', str(step), 'state'))
@@ -155,24 +159,94 @@ def quickstart_run(data_dir, tmp_path_factory):
   """The runlocal quickstart, end to end (3 steps, aux head, evaluation)."""
   workdir = str(tmp_path_factory.mktemp('quickstart'))
   out = loop.train_and_evaluate(_config(data_dir), workdir)
-  return workdir, out
+  return workdir, dict(out, data_dir=data_dir)
 
 
 def test_quickstart_runlocal_end_to_end(quickstart_run):
   workdir, out = quickstart_run
   with open(os.path.join(workdir, 'results.json')) as f:
     written = json.load(f)
-  assert written == out
+  assert written == {k: v for k, v in out.items() if k != 'data_dir'}
   row = written['rows'][0]
   assert 0 <= row['miou'] <= 100 and 0 <= row['boundary_miou'] <= 100
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     lines = [json.loads(line) for line in f]
+  evals = [r for r in lines if 'eval_miou' in r]
+  lines = [r for r in lines if 'loss' in r]
   assert [r['step'] for r in lines] == [1, 2, 3]
+  # Periodic evaluation at step 2 (eval_every=2), not at the final step 3.
+  assert [(r['step'], r['eval_images']) for r in evals] == [(2, 4)]
+  assert 0 <= evals[0]['eval_miou'] <= 100
   assert {'loss', 'main_loss', 'aux_loss_1', 'lr',
           'images_per_second'} <= set(lines[0])
   np.testing.assert_allclose(
       lines[0]['loss'], lines[0]['main_loss'] + 0.4 * lines[0]['aux_loss_1'],
       rtol=1e-5)
+
+
+def test_eval_py_evaluates_the_latest_training_checkpoint(quickstart_run,
+                                                         tmp_path):
+  import eval as eval_main  # pylint: disable=g-import-not-at-top
+  workdir, out = quickstart_run
+  config = _config(quickstart_run_data_dir(out))
+  # Two settings in one call: the model as trained, and at another size.
+  config.sweep = ({'eval.name': 'as_trained'},
+                  {'eval.name': 'at_96', 'eval.size': 96,
+                   'eval.short_size': 96, 'eval.long_max': 96})
+  evaluated = eval_main.run(config, workdir)
+  rows = evaluated['rows']
+  assert [r['name'] for r in rows] == ['as_trained', 'at_96']
+  assert rows[0]['weights'].endswith('checkpoints/3')
+  assert rows[0]['miou'] == pytest.approx(out['rows'][0]['miou'], abs=1e-6)
+  assert rows[1]['inference']['size'] == [96, 96]
+  assert rows[1]['gflops_effective'] < rows[0]['gflops_effective']
+
+  bad = _config(quickstart_run_data_dir(out))
+  bad.model.width = 48
+  with pytest.raises(ValueError, match=r'model.width: 32 -> 48'):
+    eval_main.run(bad, workdir)
+  bad = _config(quickstart_run_data_dir(out))
+  bad.sweep = ({'eval.sise': 96},)
+  with pytest.raises(ValueError, match=r"sweep\[0\] sets 'eval.sise'"):
+    eval_main.run(bad, workdir)
+  empty = _config(quickstart_run_data_dir(out))
+  empty.model.random_init = False
+  with pytest.raises(ValueError, match='nothing to evaluate'):
+    eval_main.run(empty, str(tmp_path))
+
+
+def test_init_from_a_training_workdir(quickstart_run, tmp_path):
+  """Phase 2 (pruning fine-tune) starts from the phase-1 workdir."""
+  from lvtp_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.train import model_init  # pylint: disable=g-import-not-at-top
+  workdir, out = quickstart_run
+  config = _config(quickstart_run_data_dir(out))
+  config.model.init_from = workdir
+  config.model.drop_path_rate = 0.1
+  model, params, prep, initialised = model_init.build(config.model, seed=7)
+  _, trained, trained_prep = checkpoint.load_for_eval(workdir, None)
+  assert initialised == [] and prep == trained_prep
+  assert model.drop_path_rate == 0.1 and model.width == 32
+  jax.tree.map(np.testing.assert_array_equal, params, trained)
+
+
+def test_segmenter_train_runlocal_with_aux_heads(data_dir, tmp_path):
+  """configs/segmenter_train.py end to end: SGD recipe, slide evaluation."""
+  import segmenter_train  # pylint: disable=g-import-not-at-top
+  config = segmenter_train.get_config('aux=dtop,runlocal')
+  config.data.data_dir = data_dir
+  config.train.progress = False
+  config.eval.progress = False
+  out = loop.train_and_evaluate(config, str(tmp_path))
+  (row,) = out['rows']
+  assert row['inference']['mode'] == 'slide'
+  assert row['inference']['windows_per_image'] == 9.0  # 128 px, 64 / 32
+  with open(tmp_path / 'metrics.jsonl') as f:
+    first = json.loads(f.readline())
+  # aux weight 1.0 (DToP weights every head 1.0).
+  np.testing.assert_allclose(
+      first['loss'], first['main_loss'] + first['aux_loss_1'] +
+      first['aux_loss_2'], rtol=1e-5)
 
 
 class _Killed(Exception):

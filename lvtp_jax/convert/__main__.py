@@ -7,7 +7,6 @@
 """
 
 import argparse
-import dataclasses
 import sys
 
 from lvtp_jax import pretrained
@@ -16,18 +15,12 @@ from lvtp_jax.convert import segmenter as seg_convert
 from lvtp_jax.convert import timm as timm_lib
 
 
-def _module_fields(model):
-  """A module's constructor fields as JSON-friendly values (dtype left out)."""
-  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-          if f.name not in ('parent', 'name', 'dtype')}
-
-
 def _timm(args) -> None:
   sd = readers.read_checkpoint(args.checkpoint)
   model, params = timm_lib.from_timm(args.model, sd, img_size=args.img_size)
   cfg = timm_lib.model_config(args.model)
   data = dict(cfg['data'], img_size=model.img_size)
-  meta = dict(architecture='vit', model=_module_fields(model), data=data,
+  meta = dict(architecture='vit', model=pretrained.module_fields(model), data=data,
               source=dict(kind='timm', model_name=args.model,
                           checkpoint=args.checkpoint))
   pretrained.save(args.out, params, meta, overwrite=args.overwrite)
@@ -39,7 +32,7 @@ def _segmenter(args) -> None:
   sd = readers.read_checkpoint(args.checkpoint)
   variant = seg_convert.read_variant(args.variant)
   model, params = seg_convert.from_segmenter(sd, variant=variant)
-  meta = dict(architecture='segmenter', model=_module_fields(model),
+  meta = dict(architecture='segmenter', model=pretrained.module_fields(model),
               data=seg_convert.data_config(variant),
               source=dict(kind='segmenter', checkpoint=args.checkpoint,
                           variant=args.variant))

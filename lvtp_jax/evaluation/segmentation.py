@@ -17,7 +17,7 @@ forwards at that shape (size, or window) and divided by the windows per image.
 """
 
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,6 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from lvtp_jax import pretrained
-from lvtp_jax.convert import segmenter as seg_convert
 from lvtp_jax.data import seg_transforms
 from lvtp_jax.data import segmentation as seg_data
 from lvtp_jax.data import segmentation_datasets
@@ -35,33 +33,133 @@ from lvtp_jax.evaluation import segmentation_metrics
 from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
 from lvtp_jax.models import segmenter as seg_lib
-from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.train import checkpoint
+from lvtp_jax.train import model_init
 
 POLICIES = ('none',)
 
+# The official single-scale evaluation protocol per dataset: dataset ->
+# (split, config.eval overrides). segm/eval/miou.py defaults: short side
+# resized to the dataset's test scale, windows of the training crop with
+# stride crop - 32 (../shared/specs/weights_and_data.md §2.6).
+PROTOCOLS = {
+    'ade20k': ('validation', dict(mode='slide', short_size=512, long_max=2048,
+                                  window=512, stride=480)),
+    'cityscapes': ('validation', dict(mode='slide', short_size=1024,
+                                      long_max=2048, window=768, stride=736)),
+    'pascal_context': ('validation', dict(mode='slide', short_size=520,
+                                          long_max=4160, window=480,
+                                          stride=448)),
+    'synthetic_scenes': ('validation', dict(mode='whole', size=128,
+                                            short_size=0, long_max=0)),
+}
 
-def build_model(cfg: ml_collections.ConfigDict, seed: int = 0
-                ) -> Tuple[seg_lib.Segmenter, Any, Dict[str, Any]]:
-  """(model, params, data dict with mean/std in 0..1) from config.model."""
-  if cfg.init_from:
-    model, params, meta = pretrained.load(cfg.init_from)
-    if meta['architecture'] != 'segmenter':
-      raise ValueError(f'{cfg.init_from} holds a {meta["architecture"]!r} '
-                       'model; segmentation needs a converted Segmenter.')
-    return model, params, meta['data']
-  if not cfg.random_init:
+
+def protocol(dataset: str, crop: Optional[int] = None
+             ) -> Tuple[str, Dict[str, Any]]:
+  """(split, config.eval overrides) of PROTOCOLS[dataset].
+
+  Args:
+    dataset: a key of PROTOCOLS.
+    crop: a training crop other than the dataset's default (Seg-L trains at
+      640 on ADE20K): the window becomes crop, the stride crop - 32, and
+      the short side at least crop.
+  """
+  if dataset not in PROTOCOLS:
+    raise ValueError(f'dataset={dataset!r}; known: {sorted(PROTOCOLS)}.')
+  split, overrides = PROTOCOLS[dataset]
+  overrides = dict(overrides)
+  if crop and overrides['mode'] == 'slide' and crop != overrides['window']:
+    overrides.update(window=crop, stride=crop - 32,
+                     short_size=max(crop, overrides['short_size']))
+  return split, overrides
+
+
+def build_model(config: ml_collections.ConfigDict, workdir: Optional[str] = None
+                ) -> Tuple[seg_lib.Segmenter, Any, Dict[str, Any], str]:
+  """The model to evaluate and where its weights come from.
+
+  In order of precedence:
+    1. the latest training checkpoint in WORKDIR/checkpoints (a run of
+       train.py with this config: eval.py evaluates what training produced);
+    2. config.model.init_from, a converted Segmenter (python -m
+       lvtp_jax.convert segmenter ...) or a training workdir;
+    3. random weights, when config.model.random_init is set (smoke tests,
+       speed); otherwise a ValueError says what to provide.
+
+  Returns:
+    (model, params, prep, source): prep holds mean/std in 0..1 units the
+    images are normalised with; source names the weights for results.json.
+  """
+  cfg = config.model
+  step = checkpoint.latest_step(workdir) if workdir else None
+  if step is not None:
+    model, params, prep = checkpoint.load_for_eval(workdir, config, step)
+    return model, params, prep, f'{workdir}/checkpoints/{step}'
+  if not cfg.init_from and not cfg.random_init:
     raise ValueError(
-        'config.model.init_from is empty: point it at a converted Segmenter '
-        '(python -m lvtp_jax.convert segmenter --checkpoint checkpoint.pth '
-        '--variant variant.yml --out DIR) or set '
-        '--config.model.random_init=True.')
-  model = seg_lib.Segmenter(
-      num_classes=cfg.num_classes, img_size=cfg.img_size, decoder=cfg.decoder,
-      decoder_depth=cfg.decoder_depth, aux_layers=tuple(cfg.aux_layers),
-      aux_head=cfg.aux_head, **vit_lib.variant_fields(cfg.variant))
-  x = jnp.zeros((1, cfg.img_size, cfg.img_size, 3))
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed), x)['params']
-  return model, params, dict(seg_convert.NORMALIZATION[cfg.normalization])
+        f'nothing to evaluate: {workdir or "the workdir"} holds no training '
+        'checkpoint and config.model.init_from is empty. Train first (python '
+        'train.py with the same --config and --workdir), point '
+        '--config.model.init_from at a converted Segmenter (python -m '
+        'lvtp_jax.convert segmenter --checkpoint checkpoint.pth --variant '
+        'variant.yml --out DIR), or set --config.model.random_init=True.')
+  model, params, prep, initialised = model_init.build(cfg, config.seed)
+  if initialised:
+    raise ValueError(
+        f'{cfg.init_from} lacks parameters the configured model needs: '
+        f'{initialised[:4]}{"..." if len(initialised) > 4 else ""}. '
+        'Evaluating untrained heads is meaningless: train them first, or set '
+        'config.model.aux_layers=() for the converted model as it is.')
+  return model, params, prep, cfg.init_from or 'random_init'
+
+
+def sweep_settings(config: ml_collections.ConfigDict
+                   ) -> List[ml_collections.ConfigDict]:
+  """One config per evaluation setting of config.sweep.
+
+  config.sweep is a sequence of override dicts with dotted keys, e.g.
+  ({'eval.name': 'dense'}, {'pruning.name': 'dtop',
+  'pruning.dtop.threshold': 0.9}); each gives one results row. An empty
+  sweep means one setting: the config as it is.
+  """
+  overrides = list(config.get('sweep', ()) or ()) or [{}]
+  settings = []
+  for i, override in enumerate(overrides):
+    setting = ml_collections.ConfigDict(config.to_dict())
+    for key, value in dict(override).items():
+      *parents, leaf = key.split('.')
+      node = setting
+      for name in parents:
+        node = node.get(name) if isinstance(node, ml_collections.ConfigDict) \
+            else None
+      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ValueError(f'config.sweep[{i}] sets {key!r}, which is not a '
+                         'config field; check the spelling against the '
+                         'config.')
+      node[leaf] = value
+    settings.append(setting)
+  return settings
+
+
+def evaluate(config: ml_collections.ConfigDict,
+             workdir: Optional[str] = None) -> List[Dict[str, Any]]:
+  """Evaluates every setting of config's sweep; one results row each."""
+  model, params, prep, source = build_model(config, workdir)
+  return evaluate_sweep(config, model, params, prep, weights=source)
+
+
+def evaluate_sweep(config: ml_collections.ConfigDict, model, params,
+                   prep: Dict[str, Any], weights: str = ''
+                   ) -> List[Dict[str, Any]]:
+  """`evaluate_model` for each setting of config.sweep (one model)."""
+  rows = []
+  for setting in sweep_settings(config):
+    row = evaluate_model(setting, model, params, prep)
+    if weights:
+      row['weights'] = weights
+    rows.append(row)
+  return rows
 
 
 def _whole(model, params, source, cfg, mean, std, metrics, num):
@@ -107,30 +205,26 @@ def _progress(it, total, cfg):
                    disable=not cfg.eval.progress)
 
 
-def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """Evaluates config.model on config.data; returns one results row."""
-  model, params, prep = build_model(config.model, config.seed)
-  return evaluate_model(config, model, params, prep)
-
-
-def evaluate_model(config: ml_collections.ConfigDict,
-                   model: seg_lib.Segmenter, params: Any,
-                   prep: Dict[str, Any]) -> Dict[str, Any]:
-  """`evaluate` for a given model and params (e.g. just trained).
+def evaluate_quality(config: ml_collections.ConfigDict,
+                     model: seg_lib.Segmenter, params: Any,
+                     prep: Dict[str, Any], num_examples: int = 0
+                     ) -> Tuple[Dict[str, Any], jax.Array, float, int]:
+  """Segmentation metrics of (model, params) on config.data's split.
 
   Args:
-    config: as for `evaluate`; config.model is not read.
+    config: reads config.data, config.eval (config.model is not read).
     model: the Segmenter.
     params: its parameters.
     prep: dict with 'mean' and 'std' in 0..1 units, as the images the model
       was trained on were normalised.
+    num_examples: evaluate the first this many images (0:
+      config.data.num_examples, where 0 means the whole split).
 
   Returns:
-    One results row (see `evaluate`).
+    (metrics, forward_batch, windows_per_image, num_images): the metric dict
+    of SegmentationMetrics.result(), one batch of forward inputs (for FLOPs
+    and timing) and the average forwards per image.
   """
-  if config.pruning.name not in POLICIES:
-    raise ValueError(f'config.pruning.name={config.pruning.name!r} is not '
-                     f'available for segmentation yet; known: {POLICIES}.')
   if config.eval.mode not in inference.MODES:
     raise ValueError(f'config.eval.mode={config.eval.mode!r}; expected one of '
                      f'{inference.MODES}.')
@@ -141,8 +235,8 @@ def evaluate_model(config: ml_collections.ConfigDict,
         f'predicts {model.num_classes}; use a model trained for this dataset.')
   source = segmentation_datasets.open_segmentation_source(
       config.data.name, config.data.split, config.data.data_dir or None)
-  num = len(source) if not config.data.num_examples else min(
-      config.data.num_examples, len(source))
+  limit = num_examples or config.data.num_examples
+  num = min(limit, len(source)) if limit else len(source)
   # Converted checkpoints store mean/std in 0..1; the segmentation transforms
   # normalise uint8 images in 0..255 units.
   mean = tuple(255.0 * m for m in prep['mean'])
@@ -153,7 +247,30 @@ def evaluate_model(config: ml_collections.ConfigDict,
   run = _whole if config.eval.mode == 'whole' else _slide
   images, windows_per_image = run(model, params, source, config, mean, std,
                                   metrics, num)
-  result = metrics.result()
+  return metrics.result(), images, windows_per_image, num
+
+
+def evaluate_model(config: ml_collections.ConfigDict,
+                   model: seg_lib.Segmenter, params: Any,
+                   prep: Dict[str, Any]) -> Dict[str, Any]:
+  """One results row: quality, FLOPs and throughput of one setting.
+
+  Args:
+    config: the setting (config.pruning, config.data, config.eval).
+    model: the Segmenter.
+    params: its parameters.
+    prep: dict with 'mean' and 'std' in 0..1 units (see evaluate_quality).
+
+  Returns:
+    The row (DESIGN §3): name, policy, params, miou, boundary_miou,
+    pixel_accuracy, gflops_realized, gflops_effective, images_per_second,
+    tokens_per_stage, ...
+  """
+  if config.pruning.name not in POLICIES:
+    raise ValueError(f'config.pruning.name={config.pruning.name!r} is not '
+                     f'available for segmentation yet; known: {POLICIES}.')
+  result, images, windows_per_image, num = evaluate_quality(
+      config, model, params, prep)
 
   apply = lambda p, x: model.apply({'params': p}, x)
   batch = images.shape[0]

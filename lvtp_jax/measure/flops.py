@@ -89,7 +89,42 @@ def segmenter_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
   return encoder + decoder + aux
 
 
-def _decoder_macs(kind: str, n: int, d: int, c: int, depth: int) -> float:
+def segmenter_effective_macs(model: Any, tokens_per_block) -> np.ndarray:
+  """Analytic MACs per image of a pruned Segmenter forward (effective count).
+
+  Counts what a ragged implementation would do on the tokens that were
+  really valid: the patch embedding of all N patches, every encoder block on
+  its valid patch tokens plus the prefix tokens, each auxiliary head on the
+  patch tokens of the block it follows (a boundary's head runs before
+  anything exits there), and the decoder on the patch tokens of the last
+  block. Decision overhead (softmax, top-k, sorting, gathers) is not counted,
+  like every non-matmul op. With no pruning this equals `segmenter_macs`.
+
+  Args:
+    model: a lvtp_jax Segmenter.
+    tokens_per_block: [..., depth] valid patch tokens (prefix excluded) each
+      encoder block processed, e.g. aux['tokens_per_block'] of a pruned
+      forward. Nothing exits before the first block, so
+      tokens_per_block[..., 0] is the patch count N.
+
+  Returns:
+    MACs with the leading shape of `tokens_per_block`.
+  """
+  tokens = np.asarray(tokens_per_block, np.float64)
+  if tokens.shape[-1] != model.depth:
+    raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
+                     f'last axis, the model has {model.depth} blocks.')
+  d, c, p = model.width, model.num_classes, model.patch_size
+  embed = tokens[..., 0] * 3 * p * p * d
+  blocks = block_macs(tokens + model.num_prefix, d, model.mlp_dim).sum(axis=-1)
+  decoder = _decoder_macs(model.decoder, tokens[..., -1], d, c,
+                          model.decoder_depth)
+  aux = sum(_decoder_macs(model.aux_head, tokens[..., k - 1], d, c, 1)
+            for k in sorted(set(model.aux_layers)))
+  return embed + blocks + decoder + aux
+
+
+def _decoder_macs(kind: str, n, d: int, c: int, depth: int):
   """MACs of a linear or mask-transformer decoder on n patch tokens."""
   if kind == 'linear':
     return n * d * c

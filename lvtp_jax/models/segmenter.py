@@ -14,15 +14,24 @@ LayerNorms the masks over the class axis.
 
 The encoder runs on a `TokenState`, and auxiliary heads after chosen encoder
 blocks give per-token class logits: the signals DToP and LVTP prune with.
+With `pruning` set (lvtp_jax.pruning.attach) the forward runs the policy's
+stages (lvtp_jax/pruning/engine.py) with the same parameters; with
+pruning=None no pruning code runs.
+
+The decoders and auxiliary heads take an optional `valid` [B, N] patch mask:
+a mask-transformer head then ignores invalid patches as attention keys (their
+own outputs are junk that the caller discards); a linear head is per-token
+and ignores it.
 """
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.pruning import engine as pruning_engine
 from lvtp_jax.tokens import state as ts
 
 DECODERS = ('linear', 'mask_transformer')
@@ -39,9 +48,9 @@ class LinearDecoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    """x [B, N, D] patch tokens -> [B, N, C] logits."""
-    del train
+  def __call__(self, x, train: bool = False, valid=None):
+    """x [B, N, D] patch tokens -> [B, N, C] logits (per token)."""
+    del train, valid
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
@@ -56,8 +65,11 @@ class MaskTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    """x [B, N, D_enc] patch tokens -> [B, N, C] mask logits."""
+  def __call__(self, x, train: bool = False, valid=None):
+    """x [B, N, D_enc] patch tokens -> [B, N, C] mask logits.
+
+    valid: optional [B, N] bool; invalid patches are masked as keys.
+    """
     b, n, _ = x.shape
     c, d = self.num_classes, self.width
     heads = self.num_heads or max(d // 64, 1)
@@ -66,11 +78,15 @@ class MaskTransformer(nn.Module):
     x = jnp.concatenate(
         [x, jnp.broadcast_to(cls_emb, (b, c, d)).astype(x.dtype)], axis=1)
     state = ts.init_state(x, num_prefix=0)
+    if valid is not None:
+      state = state.replace(valid=jnp.concatenate(
+          [valid, jnp.ones((b, c), bool)], axis=1))
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       state, _ = vit_lib.Block(heads, 4 * d, self.ln_eps, rate,
                                dtype=self.dtype, name=f'blocks_{i}')(
-                                   state, train=train)
+                                   state, masked=valid is not None,
+                                   train=train)
     x = _layer_norm(self.ln_eps, self.dtype, 'decoder_norm')(state.x)
     init = nn.initializers.normal(d ** -0.5)
     proj_patch = self.param('proj_patch', init, (d, d))
@@ -97,14 +113,14 @@ class AuxHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    """x [B, N, D] patch tokens -> [B, N, C] logits."""
+  def __call__(self, x, train: bool = False, valid=None):
+    """x [B, N, D] patch tokens (valid: optional [B, N]) -> [B, N, C] logits."""
     x = _layer_norm(self.ln_eps, self.dtype, 'norm')(x)
     if self.kind == 'linear':
       return LinearDecoder(self.num_classes, self.dtype, name='decoder')(x)
     return MaskTransformer(self.num_classes, x.shape[-1], depth=1,
                            ln_eps=self.ln_eps, dtype=self.dtype,
-                           name='decoder')(x, train)
+                           name='decoder')(x, train, valid)
 
 
 class Segmenter(nn.Module):
@@ -129,6 +145,9 @@ class Segmenter(nn.Module):
   drop_path_rate: float = 0.0      # encoder stochastic depth
   decoder_drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  # lvtp_jax.pruning.PruningSpec (set by lvtp_jax.pruning.attach); None:
+  # the unpruned forward.
+  pruning: Optional[Any] = None
 
   def setup(self):
     if self.decoder not in DECODERS:
@@ -172,12 +191,29 @@ class Segmenter(nn.Module):
     'aux_logits' {k: [B, N, C]} per auxiliary head (after block k),
     'valid_tokens' [B, depth] valid slots entering each encoder block,
     'grid' the (h, w) token grid as int32 [2].
+    With pruning, also (lvtp_jax/pruning/engine.py):
+    'exit_stage' int32 [B, N] the stage (0-based over the sorted aux layers)
+      each patch exited at, len(aux_layers) for patches that reached the
+      decoder; 'tokens_per_block' int32 [B, depth] valid patch tokens each
+      block processed (input of lvtp_jax.pruning.effective_macs);
+      'overflow' int32 [B, len(aux_layers)] patches force-exited by the
+      overflow rule at each stage. token_logits are then the reassembled
+      map (decoder for patches that stayed, exit canvas for the others) and
+      aux_logits[k] the canvas after head k (its logits where it ran, the
+      exit prediction elsewhere).
     """
     vit_lib.check_images(images, None)
     b, h, w, _ = images.shape
     p = self.patch_size
     pad_h, pad_w = -h % p, -w % p
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    if self.pruning is not None:
+      token_logits, grid, aux = pruning_engine.forward(self, x, train)
+      logits = upsample(token_logits, grid, (h + pad_h, w + pad_w))[:, :h, :w]
+      if not return_aux:
+        return logits
+      aux.update(token_logits=token_logits, grid=jnp.asarray(grid, jnp.int32))
+      return logits, aux
     state, grid = self.encoder.embed(x)
     aux_logits: Dict[int, jax.Array] = {}
     valid_counts = []

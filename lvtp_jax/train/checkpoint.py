@@ -2,7 +2,9 @@
 
 Each step directory holds two items:
   state  the train state {'params', 'opt_state', 'step', 'rng'} (StandardSave)
-  meta   JSON {'config': the run's config, 'data_position': step}
+  meta   JSON {'config': the run's config, 'data_position': step,
+               'architecture', 'model': the module's fields,
+               'data': {'mean', 'std'} the images were normalised with}
 The data position is the step because `train_batches(start_step=step)`
 rebuilds the input stream exactly (lvtp_jax.data.segmentation), so no
 iterator state is stored.
@@ -24,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Dotted config prefixes that may change between a run and its resumption.
@@ -31,6 +34,8 @@ RESUMABLE_FIELDS = (
     'train.num_steps',
     'train.log_every',
     'train.checkpoint_every',
+    'train.eval_every',
+    'train.eval_examples',
     'train.max_to_keep',
     'train.overwrite',
     'train.progress',
@@ -42,6 +47,7 @@ RESUMABLE_FIELDS = (
     'data.batch_size',
     'data.num_examples',
     'eval',
+    'sweep',
 )
 
 
@@ -68,6 +74,10 @@ def config_differences(stored: Dict[str, Any],
           if not _resumable(k) and old.get(k) != new.get(k)]
 
 
+# config.model fields that say where weights come from, not what the model is.
+_WEIGHT_SOURCE_FIELDS = ('init_from', 'random_init')
+
+
 class Checkpointer:
   """Periodic saves of the train state under WORKDIR/checkpoints."""
 
@@ -86,10 +96,20 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Dict[str, Any],
-           config: ml_collections.ConfigDict, force: bool = False) -> bool:
-    """Saves at multiples of save_every (any step with force); async."""
+           config: ml_collections.ConfigDict, force: bool = False,
+           model_meta: Optional[Dict[str, Any]] = None) -> bool:
+    """Saves at multiples of save_every (any step with force); async.
+
+    Args:
+      step: the step the state is at (= the data position).
+      state: the train state.
+      config: the run's config (compared on resume).
+      force: save even if step is not a multiple of save_every.
+      model_meta: {'architecture', 'model', 'data'} so that the checkpoint
+        can be evaluated without the config's init_from (see load_for_eval).
+    """
     meta = dict(config=json.loads(config.to_json_best_effort()),
-                data_position=step)
+                data_position=step, **(model_meta or {}))
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                              force=force)
@@ -155,3 +175,70 @@ def restore_or_init(workdir: str, config: ml_collections.ConfigDict,
       state)
   state, meta = ckpt.restore(step, abstract)
   return state, int(meta['data_position']), ckpt
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  """The newest finished training step saved in workdir, or None."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def load_for_eval(workdir: str, config: Optional[ml_collections.ConfigDict],
+                  step: Optional[int] = None) -> Tuple[Any, Any, Dict[str, Any]]:
+  """(model, params, prep) of a training checkpoint, for evaluation.
+
+  The architecture is the one stored with the checkpoint. When `config` is
+  given, its model block must describe the same architecture (fields that
+  only say where weights came from are not compared), so that evaluating a
+  workdir with another experiment's config fails loudly.
+
+  Args:
+    workdir: a train.py run directory.
+    config: the evaluation config, or None to skip the check.
+    step: the step to load (default: the latest).
+
+  Returns:
+    (model, params, prep): the Segmenter, its parameters (host arrays) and
+    dict(mean, std) in 0..1 units.
+  """
+  from lvtp_jax import models  # pylint: disable=g-import-not-at-top
+  step = latest_step(workdir) if step is None else step
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if step is None:
+    raise FileNotFoundError(f'{directory} holds no checkpoint; train first.')
+  manager = ocp.CheckpointManager(directory)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+    if 'model' not in meta:
+      raise ValueError(f'{directory}/{step} was written by an older version '
+                       'without the model description; retrain.')
+    if config is not None:
+      stored = {k: v for k, v in meta['config']['model'].items()
+                if k not in _WEIGHT_SOURCE_FIELDS}
+      current = {k: v for k, v in json.loads(
+          config.model.to_json_best_effort()).items()
+                 if k not in _WEIGHT_SOURCE_FIELDS}
+      diffs = [f'model.{k}: {stored.get(k, "<absent>")!r} -> '
+               f'{current.get(k, "<absent>")!r}'
+               for k in sorted(set(stored) | set(current))
+               if stored.get(k) != current.get(k)]
+      if diffs:
+        raise ValueError(
+            f'{directory} (step {step}) was trained with another model '
+            'config; differing fields:\n  ' + '\n  '.join(diffs) +
+            '\nEvaluate it with the config it was trained with, or use '
+            'another --workdir.')
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  finally:
+    manager.close()
+  model = models.build(meta['architecture'], meta['model'])
+  params = jax.tree.map(np.asarray, state['params'])
+  return model, params, dict(meta['data'])

@@ -11,8 +11,11 @@ fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
 
 Written to WORKDIR: checkpoints/ (lvtp_jax.train.checkpoint), metrics.jsonl
 (one line per log interval: step, losses averaged over the interval, lr,
-images/s; the first interval includes compilation), config.json and, at the
-end, results.json (the evaluation row of lvtp_jax.evaluation.segmentation).
+images/s; the first interval includes compilation; and every
+train.eval_every steps a line with eval_miou, eval_boundary_miou and
+eval_pixel_accuracy on the first train.eval_examples validation images),
+config.json and, at the end, results.json (the rows of
+lvtp_jax.evaluation.segmentation for every setting of config.sweep).
 Loss values are fetched at log and checkpoint steps only (no per-step host
 sync); a non-finite loss stops the run naming its first bad step and the
 last checkpoint, which is never one saved after that step.
@@ -33,6 +36,7 @@ import numpy as np
 import optax
 import tqdm
 
+from lvtp_jax import pretrained
 from lvtp_jax.data import segmentation as seg_data
 from lvtp_jax.data import segmentation_datasets
 from lvtp_jax.evaluation import results
@@ -54,6 +58,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'number of devices ({num_devices}).')
   if t.aux_weight < 0:
     raise ValueError(f'train.aux_weight={t.aux_weight} must be >= 0.')
+  if t.get('eval_every', 0) < 0 or t.get('eval_examples', 0) < 0:
+    raise ValueError(f'train.eval_every={t.eval_every} and train.eval_examples'
+                     f'={t.eval_examples} must be >= 0 (0: at the end only / '
+                     'all images).')
   if t.log_every <= 0:
     raise ValueError(f'train.log_every={t.log_every} must be > 0.')
   if not m.aux_layers and t.aux_weight:
@@ -170,6 +178,22 @@ class _MetricsLog:
     return row
 
 
+def _periodic_eval(config, model, params, prep, step: int, path: str
+                   ) -> Dict[str, float]:
+  """Quality on the first train.eval_examples validation images -> jsonl."""
+  quick = ml_collections.ConfigDict(config.to_dict())
+  quick.eval.progress = False
+  result, _, _, num = seg_eval.evaluate_quality(
+      quick, model, params, prep, num_examples=config.train.eval_examples)
+  row = dict(step=step, eval_images=num, eval_miou=result['miou'],
+             eval_boundary_miou=result['boundary_miou'],
+             eval_pixel_accuracy=result['pixel_accuracy'])
+  if jax.process_index() == 0:
+    with open(path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+  return row
+
+
 def train(config: ml_collections.ConfigDict, workdir: str
           ) -> Tuple[seg_lib.Segmenter, Any, Dict[str, Any]]:
   """Trains config's Segmenter in workdir, resuming from its checkpoint.
@@ -204,6 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str
     raise ValueError(f'data.crop_size={config.data.crop_size} must be a '
                      f'multiple of the patch size {model.patch_size}.')
 
+  model_meta = dict(architecture='segmenter',
+                    model=pretrained.module_fields(model), data=dict(prep))
   tx = optim.make_optimizer(config.train)
   schedule = optim.make_schedule(config.train)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -230,10 +256,14 @@ def train(config: ml_collections.ConfigDict, workdir: str
       process_index=jax.process_index(), process_count=jax.process_count(),
       mean=tuple(255.0 * v for v in prep['mean']),
       std=tuple(255.0 * v for v in prep['std']),
-      ratio_range=tuple(config.data.ratio_range))
+      ratio_range=tuple(config.data.ratio_range),
+      base_scale=tuple(config.data.get('base_scale', ())) or None,
+      cat_max_ratio=config.data.get('cat_max_ratio', 0.75) or None,
+      photometric=config.data.get('photometric', True))
   to_global = functools.partial(jax.make_array_from_process_local_data,
                                 batch_sharding)
   num_steps = config.train.num_steps
+  eval_every = config.train.get('eval_every', 0)
   log = _MetricsLog(workdir, config.train.batch_size, ckpt)
   bar = tqdm.tqdm(total=num_steps, initial=start, unit='step', file=sys.stderr,
                   disable=not config.train.progress or jax.process_index())
@@ -249,8 +279,14 @@ def train(config: ml_collections.ConfigDict, workdir: str
         row = log.flush(write=True)
         bar.set_postfix(loss=f'{row["loss"]:.4f}', lr=f'{row["lr"]:.2e}',
                         img_s=f'{row["images_per_second"]:.1f}')
+      if eval_every and done % eval_every == 0 and done != num_steps:
+        row = _periodic_eval(config, model, state['params'], prep, done,
+                             log.path)
+        bar.write(f'step {done}: ' + ', '.join(
+            f'{k} {v:.2f}' for k, v in row.items() if k != 'step'))
       if save:
-        ckpt.save(done, state, config, force=done == num_steps)
+        ckpt.save(done, state, config, force=done == num_steps,
+                  model_meta=model_meta)
     ckpt.wait_until_finished()
   finally:
     bar.close()
@@ -266,8 +302,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The content written to workdir/results.json.
   """
   model, params, prep = train(config, workdir)
-  row = seg_eval.evaluate_model(config, model, params, prep)
-  row['train_steps'] = config.train.num_steps
+  rows = seg_eval.evaluate_sweep(
+      config, model, params, prep,
+      weights=f'{workdir}/checkpoints/{config.train.num_steps}')
+  for row in rows:
+    row['train_steps'] = config.train.num_steps
   if jax.process_index() == 0:
-    return results.write(workdir, [row])
-  return dict(rows=[row])
+    return results.write(workdir, rows)
+  return dict(rows=rows)

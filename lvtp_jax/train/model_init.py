@@ -4,25 +4,40 @@ Random init: the architecture comes from config.model.variant ('Ti/16', ...)
 with any non-zero width / depth / num_heads / mlp_dim / patch_size fields
 overriding it, or from those fields alone when variant is ''.
 
-From a converted Segmenter (config.model.init_from): the architecture is the
-checkpoint's, plus the config's auxiliary heads and drop-path rate. The
+From a converted ImageNet ViT / DeiT (python -m lvtp_jax.convert timm; the
+official recipe's starting point): see _segmenter_from_backbone.
+
+From a converted Segmenter or a train.py workdir (config.model.init_from,
+e.g. the phase-1 run a pruning fine-tune starts from; its latest
+checkpoint is used): the architecture is the checkpoint's, plus the
+config's auxiliary heads and drop-path rate. The
 encoder and decoder weights come from the checkpoint; parameters the
 checkpoint lacks (the auxiliary heads) keep their fresh initialisation and
 are reported, so nothing is initialised silently.
+
+Pruning (config.pruning, lvtp_jax.pruning) adds no parameters: the model is
+initialised unpruned and the policy is attached afterwards, so phase 2 (the
+pruning fine-tune) starts from the weights of phase 1 and trains with the
+decisions live.
 """
 
-from typing import Any, Dict, List, Tuple
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lvtp_jax import models
 from lvtp_jax import pretrained
+from lvtp_jax import pruning as pruning_lib
 from lvtp_jax.convert import segmenter as seg_convert
+from lvtp_jax.models import posemb as posemb_lib
 from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.train import checkpoint
 
 _SHAPE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 
@@ -68,31 +83,77 @@ def merge_params(loaded: Any, fresh: Any) -> Tuple[Any, List[str]]:
           sorted(set(new) - set(old)))
 
 
-def build(cfg: ml_collections.ConfigDict, seed: int
+def _segmenter_from_backbone(vit: vit_lib.ViT, vit_params: Any,
+                             cfg: ml_collections.ConfigDict,
+                             train_fields: Dict[str, Any]):
+  """A Segmenter whose encoder starts from an ImageNet ViT / DeiT.
+
+  As the official Segmenter does when it builds a model from a timm
+  backbone: the encoder takes the backbone's architecture at the training
+  crop cfg.img_size with LayerNorm eps 1e-5 (the official ViT's; the
+  weights were trained with timm's 1e-6, the official code loads them
+  unchanged), the position embedding's patch grid is resized bilinearly
+  (no antialias) from the backbone's grid to crop / patch, and the
+  classification head is dropped. The decoder (and auxiliary heads) start
+  from scratch.
+
+  Returns:
+    (model, params): the Segmenter and the encoder parameters to load.
+  """
+  model = seg_lib.Segmenter(
+      num_classes=cfg.num_classes, width=vit.width, depth=vit.depth,
+      num_heads=vit.num_heads, mlp_dim=vit.mlp_dim,
+      patch_size=vit.patch_size, img_size=cfg.img_size,
+      distilled=vit.distilled, decoder=cfg.decoder,
+      decoder_depth=cfg.decoder_depth, **train_fields)
+  if cfg.img_size % vit.patch_size:
+    raise ValueError(f'model.img_size={cfg.img_size} is not a multiple of the '
+                     f'backbone patch size {vit.patch_size}.')
+  encoder = {k: v for k, v in vit_params.items()
+             if k not in ('head', 'head_dist')}
+  side = cfg.img_size // vit.patch_size
+  encoder['pos_embed'] = np.asarray(posemb_lib.resample_posemb(
+      np.asarray(encoder['pos_embed'], np.float32), vit.num_prefix,
+      (side, side), 'bilinear', old_hw=vit.grid))
+  return model, {'encoder': encoder}
+
+
+def build(cfg: ml_collections.ConfigDict, seed: int,
+          pruning: Optional[ml_collections.ConfigDict] = None
           ) -> Tuple[seg_lib.Segmenter, Any, Dict[str, Any], List[str]]:
   """(model, params, prep, initialised) for training.
 
   Args:
     cfg: config.model.
     seed: initialisation seed.
+    pruning: config.pruning to attach (None or name 'none': unpruned).
 
   Returns:
-    model: the Segmenter (with cfg's aux heads and drop-path rate).
+    model: the Segmenter (with cfg's aux heads and drop-path rate, and the
+      pruning policy attached).
     params: initial parameters (host/default-device arrays).
     prep: dict(mean, std) in 0..1 units the images must be normalised with.
     initialised: parameter paths that are freshly initialised although a
       checkpoint was loaded ([] for random init).
   """
   train_fields = dict(aux_layers=tuple(cfg.aux_layers), aux_head=cfg.aux_head,
-                      drop_path_rate=cfg.drop_path_rate)
+                      drop_path_rate=cfg.get('drop_path_rate', 0.0))
   if cfg.init_from:
-    _, loaded, meta = pretrained.load(cfg.init_from)
-    if meta['architecture'] != 'segmenter':
-      raise ValueError(f'{cfg.init_from} holds a {meta["architecture"]!r} '
-                       'model; segmentation training needs a converted '
-                       'Segmenter.')
-    model = models.build('segmenter', dict(meta['model'], **train_fields))
-    prep = meta['data']
+    if os.path.isdir(os.path.join(cfg.init_from, 'checkpoints')):
+      source, loaded, prep = checkpoint.load_for_eval(cfg.init_from, None)
+      fields = pretrained.module_fields(source)
+    else:
+      source, loaded, meta = pretrained.load(cfg.init_from)
+      fields, prep = meta['model'], meta['data']
+    if isinstance(source, vit_lib.ViT):
+      model, loaded = _segmenter_from_backbone(source, loaded, cfg,
+                                               train_fields)
+    elif isinstance(source, seg_lib.Segmenter):
+      model = models.build('segmenter', dict(fields, **train_fields))
+    else:
+      raise ValueError(f'{cfg.init_from} holds a {type(source).__name__} '
+                       'model; segmentation training needs a Segmenter or a '
+                       'ViT backbone.')
   else:
     if not cfg.random_init:
       raise ValueError(
@@ -104,6 +165,8 @@ def build(cfg: ml_collections.ConfigDict, seed: int
     prep = dict(seg_convert.NORMALIZATION[cfg.normalization])
   x = jnp.zeros((1, model.img_size, model.img_size, 3))
   fresh = jax.jit(model.init)(jax.random.PRNGKey(seed), x)['params']
+  if pruning is not None:
+    model = pruning_lib.attach(model, pruning)
   if loaded is None:
     return model, fresh, prep, []
   params, initialised = merge_params(loaded, fresh)

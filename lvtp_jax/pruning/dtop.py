@@ -1,0 +1,92 @@
+"""DToP: Dynamic Token Pruning (Tang et al., ICCV 2023); specs/dtop.md.
+
+At every stage boundary (an auxiliary layer), for each active patch:
+  conf = max_c softmax(aux logits)_c,  yhat = argmax_c (spec §3 step 3 with
+  §7.1: Segmenter heads are softmax heads, so confidence is the max class
+  probability rather than SegViT's presence x sigmoid score);
+  candidates: conf > threshold (strict, compared in float32, as the code's
+  `>`; threshold 1.0 never exits);
+  per predicted class, the top_k most confident candidates stay active for
+  context (step 4; fewer when the class has fewer candidates);
+  exited = candidates minus those kept (step 5). The active set only
+  shrinks; a kept token is re-examined at the next boundary (§7.3).
+Ties: argmax takes the lowest class id; among equal confidences of a class
+the lower patch index is kept (`lax.top_k` returns the lower index first).
+The per-class top-k is static-shape: `lax.top_k` over a [B, C, Kp] score
+that is -inf outside the class's candidates (spec §8).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lvtp_jax.pruning import registry
+
+
+@dataclasses.dataclass(frozen=True)
+class DToPParams:
+  threshold: float
+  top_k: int
+
+
+def exit_decisions(logits: jax.Array, valid: jax.Array, threshold: float,
+                   top_k: int) -> jax.Array:
+  """DToP steps 3-5 on one boundary.
+
+  Args:
+    logits: [B, Kp, C] auxiliary-head logits of the patch slots.
+    valid: [B, Kp] bool, active patch slots.
+    threshold: p0; a slot is a candidate when its confidence is > p0.
+    top_k: k, candidates kept per predicted class.
+
+  Returns:
+    [B, Kp] bool, the slots that exit.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  conf = probs.max(axis=-1)
+  yhat = jnp.argmax(probs, axis=-1)
+  cand = valid & (conf > jnp.float32(threshold))
+  b, kp, c = logits.shape
+  k = min(top_k, kp)
+  if k == 0:
+    return cand
+  in_class = yhat[:, None, :] == jnp.arange(c)[None, :, None]
+  score = jnp.where(cand[:, None, :] & in_class, conf[:, None, :], -jnp.inf)
+  vals, ids = jax.lax.top_k(score, k)                    # [B, C, k]
+  hits = (vals > -jnp.inf).astype(jnp.int32)
+  keep = jnp.zeros((b, kp), jnp.int32).at[
+      jnp.arange(b)[:, None, None], ids].add(hits) > 0
+  return cand & ~keep
+
+
+class DToP(registry.Policy):
+  """config.pruning.dtop: threshold (p0), top_k (k), reassemble."""
+  name = 'dtop'
+  signals = frozenset({'aux_logits'})
+
+  def config_defaults(self) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.threshold = 0.9      # p0, strict '>'; official ViT-B 0.9, ViT-L 0.95
+    cfg.top_k = 5            # k per class kept for context (official: 5)
+    cfg.reassemble = 'logits'  # 'logits' (official rule) or 'frozen'
+    return cfg
+
+  def make_params(self, cfg, num_stages):
+    del num_stages
+    if not 0.0 <= cfg.threshold <= 1.0:
+      raise ValueError(
+          f'config.pruning.dtop.threshold={cfg.threshold} must lie in [0, 1] '
+          '(a max class probability; 1.0 never exits).')
+    if cfg.top_k < 0:
+      raise ValueError(f'config.pruning.dtop.top_k={cfg.top_k} must be >= 0 '
+                       '(0: keep no context tokens).')
+    return DToPParams(threshold=float(cfg.threshold), top_k=int(cfg.top_k))
+
+  def decide(self, ctx, params):
+    return exit_decisions(ctx.signals['aux_logits'], ctx.valid,
+                          params.threshold, params.top_k)
+
+
+registry.register(DToP())

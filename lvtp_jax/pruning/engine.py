@@ -1,0 +1,253 @@
+"""The pruned Segmenter forward: stages, exit canvas, buffers, reassembly.
+
+Stage boundaries are the model's auxiliary layers (block k, 1-based, sorted);
+stage s is the s-th of them (0-based). At each boundary:
+  1. the auxiliary head gives per-token logits on the current buffer (its
+     attention, for a mask-transformer head, is restricted to valid slots);
+  2. the exit canvas [B, N, C] takes that prediction for every patch still
+     active; exited patches keep the one they left with;
+  3. the policy (registry) decides which active patch slots exit; exited
+     patches record the stage in `exit_stage`;
+  4. masked mode: the exited slots become invalid (K stays N + prefix).
+     Buffer mode: the remaining patch slots are gathered, in original patch
+     order after the prefix slots (which always stay), into a buffer of the
+     static capacity of the next stage (config.pruning.capacities). When more
+     patches remain than fit, the overflow rule force-exits the surplus
+     ('exit_confident': the most confident ones by the head's max softmax
+     probability, ties: the later patch; 'exit_last': the last ones in patch
+     order). Forced patches keep the canvas prediction of this boundary and
+     exit at this stage like any other, and are counted in aux['overflow'],
+     so overflow is never silent and every patch still has a prediction.
+All decisions are under `lax.stop_gradient`; the feature gathers and the
+canvas writes are differentiable (so, as in the official DToP code, the loss
+on an exited patch trains the head it exited at).
+
+After the last block the final decoder (linear, or mask transformer with the
+valid slots as its key mask) runs on the final buffer, and dense reassembly
+gives every original patch a prediction: from the decoder through `src` when
+the patch stayed, from the canvas when it exited. `reassemble` chooses what
+the canvas holds (DToP spec §3 step 6, §7.2, adapted to softmax heads):
+  'logits'  the exit head's logits; the final token map mixes logits (the
+            official code's rule: it keeps mask logits on its canvas).
+  'frozen'  the exit head's class probabilities (stored as log-probabilities);
+            the final token map mixes probabilities: stayed patches get the
+            decoder's log-softmax. Each patch's distribution is then exactly
+            the one it had when it left. token_logits are log-probabilities,
+            which softmax, argmax and cross-entropy treat as logits.
+The token map is upsampled by the Segmenter exactly as the unpruned one.
+
+aux['aux_logits'][k] of a pruned model is the canvas right after head k
+wrote it: head k's logits for the patches it saw and, for patches that had
+already exited, their canvas entry (the prediction of the head they exited
+at; log-probabilities with reassemble='frozen'). This is what the official
+DToP code trains the later heads on.
+
+Tie-breaking: buffers keep tokens in original patch order, so slot order is
+patch order and every rank-based decision breaks ties by patch index, the
+same in masked and buffer mode.
+
+An all-patches-exit stage is safe: the CLS slot (and, in the mask decoder,
+the class embeddings) is always a valid key, and padding slots hold copies of
+real token features, so no softmax is fully masked and no row is degenerate.
+"""
+
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from lvtp_jax.pruning import registry
+from lvtp_jax.tokens import state as ts
+
+
+def patch_slots(src: jax.Array, num_prefix: int) -> jax.Array:
+  """[B, N] slot of each patch -> its index among the patch slots, or -1."""
+  return jnp.where(src >= 0, src - num_prefix, -1)
+
+
+def confidence(logits: jax.Array) -> jax.Array:
+  """Max softmax probability in float32: [..., C] -> [...]."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(axis=-1)
+
+
+def overflow_exits(remaining: jax.Array, conf: jax.Array, capacity: int,
+                   rule: str) -> jax.Array:
+  """The patch slots the overflow rule force-exits.
+
+  Args:
+    remaining: [B, Kp] bool, patch slots that would stay active.
+    conf: [B, Kp] float32 confidence of the head at this boundary.
+    capacity: static number of patch slots of the next buffer.
+    rule: 'exit_confident' or 'exit_last' (see the module docstring).
+
+  Returns:
+    [B, Kp] bool, a subset of `remaining` with max(0, |remaining| - capacity)
+    entries per image.
+  """
+  b, kp = remaining.shape
+  if rule == 'exit_last':
+    rank = jnp.cumsum(remaining, axis=1) - 1
+  else:
+    # Staying order: least confident first; the stable sort keeps the lower
+    # slot first among equal confidences.
+    order = jnp.argsort(jnp.where(remaining, conf, jnp.inf), axis=1,
+                        stable=True)
+    pos = jnp.broadcast_to(jnp.arange(kp), (b, kp))
+    rank = jnp.zeros((b, kp), order.dtype).at[
+        jnp.arange(b)[:, None], order].set(pos)
+  return remaining & (rank >= capacity)
+
+
+def canvas_entry(logits: jax.Array, reassemble: str) -> jax.Array:
+  """What the canvas keeps for a patch given its head logits (float32)."""
+  logits = logits.astype(jnp.float32)
+  if reassemble == 'frozen':
+    return jax.nn.log_softmax(logits, axis=-1)
+  return logits
+
+
+def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
+                  canvas: jax.Array, exit_stage: jax.Array, *, spec: Any,
+                  stage: int, layer: int, num_prefix: int,
+                  signals: Dict[str, jax.Array], prepared: Any = None
+                  ) -> Tuple[ts.TokenState, jax.Array, jax.Array, jax.Array,
+                             jax.Array]:
+  """Steps 2-4 of the module docstring at one stage boundary.
+
+  Args:
+    state: the buffer after the block ending at the boundary.
+    head_logits: [B, Kp, C] auxiliary-head logits of its patch slots.
+    canvas: [B, N, C] float32 exit canvas.
+    exit_stage: [B, N] int32 stage each patch exited at (num_stages: not yet).
+    spec: the PruningSpec.
+    stage: 0-based boundary index.
+    layer: the block (1-based) the boundary follows.
+    num_prefix: prefix slots at the front of the buffer.
+    signals: attention signals of the block ending here (policy's request).
+    prepared: the policy's per-image precomputation, or None.
+
+  Returns:
+    (state, canvas, exit_stage, aux_logits [B, N, C], forced [B] int32): the
+    next stage's buffer, the updated canvas and exit stages, head k's
+    canvas-based logits (module docstring) and the overflow count.
+  """
+  p = num_prefix
+  src = state.src
+  active = src >= 0
+  psrc = patch_slots(src, p)
+  patch_valid = state.valid[:, p:]
+  kp = patch_valid.shape[1]
+  seen = ts.patch_values(head_logits, psrc)
+  aux_logits = jnp.where(active[..., None], seen, canvas)
+  canvas = jnp.where(active[..., None], canvas_entry(seen, spec.reassemble),
+                     canvas)
+
+  decision_logits = jax.lax.stop_gradient(head_logits.astype(jnp.float32))
+  exits = jnp.zeros_like(patch_valid)
+  if layer in spec.exit_layers:
+    policy = registry.get(spec.name)
+    ctx = registry.StageContext(
+        stage=stage, layer=layer, valid=patch_valid, src=psrc,
+        signals=dict(jax.lax.stop_gradient(signals),
+                     aux_logits=decision_logits),
+        prepared=prepared)
+    exits = jax.lax.stop_gradient(policy.decide(ctx, spec.params))
+    exits = exits & patch_valid
+  remaining = patch_valid & ~exits
+
+  capacity = spec.capacity(stage, src.shape[1]) if spec.mode == 'buffer' else kp
+  forced = jnp.zeros_like(exits)
+  if capacity < kp:
+    forced = overflow_exits(remaining, confidence(decision_logits), capacity,
+                            spec.overflow)
+    remaining = remaining & ~forced
+  left = ts.patch_values(exits | forced, psrc, fill=False)
+  exit_stage = jnp.where(left, stage, exit_stage)
+  if capacity < kp:
+    keep = jnp.concatenate(
+        [jnp.ones((remaining.shape[0], p), bool), remaining], axis=1)
+    state, _, _ = ts.compact(state, keep, p + capacity, p)
+  else:
+    state = state.replace(
+        valid=state.valid.at[:, p:].set(remaining),
+        src=jnp.where(left, -1, src))
+  return (state, canvas, exit_stage, aux_logits,
+          forced.sum(axis=1).astype(jnp.int32))
+
+
+def reassemble(decoder_logits: jax.Array, src: jax.Array, canvas: jax.Array,
+               num_prefix: int, how: str) -> jax.Array:
+  """Dense [B, N, C] token logits from the final buffer and the canvas.
+
+  Args:
+    decoder_logits: [B, Kp, C] final-decoder logits of the patch slots.
+    src: [B, N] slot of every patch (-1: exited).
+    canvas: [B, N, C] float32 exit canvas.
+    num_prefix: prefix slots at the front of the buffer.
+    how: 'logits' or 'frozen' (module docstring).
+  """
+  stayed = src >= 0
+  dec = ts.patch_values(decoder_logits, patch_slots(src, num_prefix))
+  return jnp.where(stayed[..., None], canvas_entry(dec, how), canvas)
+
+
+def forward(model: Any, images: jax.Array, train: bool
+            ) -> Tuple[jax.Array, Tuple[int, int], Dict[str, Any]]:
+  """The pruned encoder + decoder of a bound Segmenter.
+
+  Args:
+    model: the Segmenter (inside apply), with `model.pruning` set.
+    images: [B, H, W, 3] padded to a multiple of the patch.
+    train: training mode (drop-path).
+
+  Returns:
+    (token_logits [B, N, C], grid, aux) with aux holding 'aux_logits',
+    'valid_tokens', 'tokens_per_block', 'exit_stage', 'overflow' (see
+    Segmenter.__call__).
+  """
+  spec = model.pruning
+  aux_layers = tuple(sorted(set(model.aux_layers)))
+  if spec.aux_layers != aux_layers:
+    raise ValueError(
+        f'the pruning spec was built for aux_layers {spec.aux_layers} but the '
+        f'model has {aux_layers}; rebuild it with '
+        'lvtp_jax.pruning.attach(model, config.pruning).')
+  policy = registry.get(spec.name)
+  p = model.num_prefix
+  state, grid = model.encoder.embed(images)
+  b, n = state.src.shape
+  prepared = None
+  if 'image' in policy.signals:
+    prepared = jax.lax.stop_gradient(policy.prepare(images, spec.params))
+  canvas = jnp.zeros((b, n, model.num_classes), jnp.float32)
+  exit_stage = jnp.full((b, n), spec.num_stages, jnp.int32)
+  stage_of = {layer: s for s, layer in enumerate(aux_layers)}
+  aux_logits, overflow, tokens, slots = {}, [], [], []
+  masked = False  # every slot is valid until the first boundary
+  for i in range(model.depth):
+    layer = i + 1
+    tokens.append(state.valid[:, p:].sum(axis=1).astype(jnp.int32))
+    slots.append(state.valid.sum(axis=1))
+    want = frozenset()
+    if layer in spec.exit_layers:
+      want = policy.signals & registry.ATTENTION_SIGNALS
+    state, signals = model.encoder.run_block(i, state, masked=masked,
+                                             want=want, train=train)
+    if layer not in stage_of:
+      continue
+    head_logits = model.aux_heads[layer](
+        state.x[:, p:], train, valid=state.valid[:, p:] if masked else None)
+    state, canvas, exit_stage, aux_logits[layer], forced = exit_boundary(
+        state, head_logits, canvas, exit_stage, spec=spec,
+        stage=stage_of[layer], layer=layer, num_prefix=p, signals=signals,
+        prepared=prepared)
+    overflow.append(forced)
+    masked = True
+  x = model.encoder.norm(state.x)[:, p:]
+  decoder_logits = model.decode_head(x, train, valid=state.valid[:, p:])
+  token_logits = reassemble(decoder_logits, state.src, canvas, p,
+                            spec.reassemble)
+  aux = dict(aux_logits=aux_logits, valid_tokens=jnp.stack(slots, axis=1),
+             tokens_per_block=jnp.stack(tokens, axis=1),
+             exit_stage=exit_stage, overflow=jnp.stack(overflow, axis=1))
+  return token_logits, grid, aux

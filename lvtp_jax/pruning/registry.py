@@ -1,0 +1,151 @@
+"""Pruning policies by name, and what a policy sees at a stage boundary.
+
+A policy is a stateless object registered under its config name
+(`config.pruning.name`). It declares the signals it needs (`signals`), so the
+model computes nothing unused, and decides with pure functions of arrays:
+no Python control flow on traced values, ties broken by slot index (which is
+original patch order, because buffers keep their tokens in that order).
+
+Adding a policy is one new module in lvtp_jax/pruning/ with a `Policy`
+subclass and a `register(...)` call at its bottom, plus its import in
+lvtp_jax/pruning/__init__.py.
+
+Signals a policy can declare (SIGNALS):
+  'aux_logits'  [B, Kp, C] float32 logits of the auxiliary head at the
+                boundary, one row per patch slot of the current buffer.
+  'cls_attn'    [B, H, K] attention of the CLS query, of the block that ends
+                at the boundary (all K slots, prefix included).
+  'attn'        [B, H, K, K] full attention map of that block.
+  'keys'        [B, H, K, hd] attention keys of that block.
+  'image'       `Policy.prepare(images, params)` is computed once per image
+                from the (padded, normalised) input images [B, H, W, 3] and
+                handed to every decision as `StageContext.prepared`: the
+                place for per-patch low-level image features, or a per-image
+                random key.
+Every signal is under `lax.stop_gradient`: decisions never carry gradients.
+
+Exit policies (the ones implemented so far: random, dtop) act at the stage
+boundaries, the blocks after which the model has an auxiliary head; `decide`
+returns which active patch slots exit with their exit-canvas prediction, and
+lvtp_jax/pruning/engine.py applies that to the TokenState (DESIGN §1's
+`(state, signals, config) -> state`, split so that the buffer bookkeeping,
+the canvas and the overflow rule are shared by every exit policy).
+"""
+
+from typing import Any, Dict, FrozenSet, Hashable, List
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+SIGNALS = frozenset({'aux_logits', 'cls_attn', 'attn', 'keys', 'image'})
+# Signals that come from the attention of the block ending at a boundary.
+ATTENTION_SIGNALS = frozenset({'cls_attn', 'attn', 'keys'})
+
+
+@flax.struct.dataclass
+class StageContext:
+  """What a policy sees at one stage boundary (a pytree; stage, layer static).
+
+  Attributes:
+    stage: 0-based index of the boundary over the model's auxiliary layers.
+    layer: the (1-based) block after which the boundary sits.
+    valid: [B, Kp] bool, the patch slots still active (Kp = patch slots of
+      the current buffer: N in masked mode, the stage capacity in buffer mode).
+    src: [B, N] int32, for every original patch its index among the Kp patch
+      slots, or -1 when the patch has exited.
+    signals: the declared signals (see the module docstring).
+    prepared: `Policy.prepare` output when 'image' is declared, else None.
+  """
+  stage: int = flax.struct.field(pytree_node=False)
+  layer: int = flax.struct.field(pytree_node=False)
+  valid: jax.Array
+  src: jax.Array
+  signals: Dict[str, jax.Array]
+  prepared: Any = None
+
+  @property
+  def num_patches(self) -> int:
+    return self.src.shape[1]
+
+  def patch_to_slot(self, values: jax.Array, fill=0) -> jax.Array:
+    """[B, N, ...] per original patch -> [B, Kp, ...] per patch slot.
+
+    Slots that hold no active patch get `fill`. Drawing per-patch values and
+    moving them to slots makes a decision independent of the buffer layout,
+    so masked and buffer mode decide alike.
+    """
+    b, kp = self.valid.shape
+    out = jnp.full((b, kp) + values.shape[2:], fill, values.dtype)
+    slot = jnp.where(self.src >= 0, self.src, kp)  # kp: dropped
+    return out.at[jnp.arange(b)[:, None], slot].set(values, mode='drop')
+
+
+class Policy:
+  """Base class of a registered pruning policy.
+
+  Subclasses set `name` and `signals`, and override `config_defaults`,
+  `make_params`, `decide` (and `prepare` when they declare 'image').
+  """
+  name: str = ''
+  signals: FrozenSet[str] = frozenset()
+  # Exit policies need the auxiliary heads: their boundaries are the aux layers.
+  needs_aux_heads: bool = True
+
+  def config_defaults(self) -> ml_collections.ConfigDict:
+    """The policy's own block, config.pruning.<name> (may be empty)."""
+    return ml_collections.ConfigDict()
+
+  def make_params(self, cfg: ml_collections.ConfigDict,
+                  num_stages: int) -> Hashable:
+    """Validated, hashable parameters from config.pruning.<name>.
+
+    Raises a ValueError naming the bad field and the fix.
+    """
+    del cfg, num_stages
+    return None
+
+  def reassemble(self, cfg: ml_collections.ConfigDict) -> str:
+    """How exited patches are reassembled (see engine.REASSEMBLE)."""
+    return cfg.get('reassemble', 'logits')
+
+  def prepare(self, images: jax.Array, params: Hashable) -> Any:
+    """Per-image precomputation from the input images (signal 'image')."""
+    del images, params
+    return None
+
+  def decide(self, ctx: StageContext, params: Hashable) -> jax.Array:
+    """[B, Kp] bool: the active patch slots that exit at this boundary."""
+    raise NotImplementedError
+
+
+_REGISTRY: Dict[str, Policy] = {}
+
+
+def register(policy: Policy) -> Policy:
+  """Adds a policy under `policy.name`; returns it."""
+  if not policy.name:
+    raise ValueError(f'{type(policy).__name__} has no name.')
+  if policy.name in _REGISTRY:
+    raise ValueError(f'a pruning policy named {policy.name!r} is already '
+                     'registered.')
+  unknown = set(policy.signals) - SIGNALS
+  if unknown:
+    raise ValueError(f'policy {policy.name!r} declares unknown signals '
+                     f'{sorted(unknown)}; known: {sorted(SIGNALS)}.')
+  _REGISTRY[policy.name] = policy
+  return policy
+
+
+def names() -> List[str]:
+  """Registered policy names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def get(name: str) -> Policy:
+  """The policy registered as `name`; a ValueError lists the known ones."""
+  if name not in _REGISTRY:
+    raise ValueError(f'config.pruning.name={name!r} is not a known pruning '
+                     f'policy; known: {names()}.')
+  return _REGISTRY[name]

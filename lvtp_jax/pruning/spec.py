@@ -1,0 +1,214 @@
+"""config.pruning -> a static, hashable PruningSpec the Segmenter carries.
+
+The spec is a module attribute (`Segmenter(..., pruning=spec)`, or
+`attach(model, config.pruning)`), so a pruned model uses the parameters of
+the unpruned one and every buffer size is a Python int at trace time.
+
+config.pruning fields (defaults in `config_defaults`):
+  name        registry name: 'none' (the unpruned model, no pruning code
+              runs), 'random', 'dtop'; see lvtp_jax.pruning.names().
+  mode        'masked': every stage keeps all N patch slots and an exit only
+              flips `valid` (exact reference semantics, no savings; the
+              oracle). 'buffer': after stage boundary s the patch slots are
+              gathered into a buffer of static capacity capacities[s]
+              (real savings).
+  layers      the auxiliary layers (1-based blocks) at which the policy
+              decides; () = all of config.model.aux_layers. Every auxiliary
+              layer is a stage boundary either way: its head writes the exit
+              canvas and, in buffer mode, the buffer is resized there.
+  capacities  buffer mode: patch slots after each stage boundary, as
+              fractions of the N patches of the input (rounded up; the
+              prefix slots come on top). One value per auxiliary layer, one
+              value for all of them, or () = 1.0 (no shrinking).
+              Non-increasing. Ignored in masked mode.
+  overflow    buffer mode, when more patches stay active than the next
+              capacity holds: 'exit_confident' (default) force-exits the
+              surplus patches the auxiliary head is most confident about
+              (max softmax probability; ties: the later patch exits);
+              'exit_last' force-exits the surplus that comes last in patch
+              order. Either way the forced patches keep the canvas
+              prediction of that boundary, so every patch still has a
+              prediction, and they are counted in aux['overflow'].
+  <policy>    each policy's own block, e.g. config.pruning.dtop.threshold.
+"""
+
+import dataclasses
+import math
+from typing import Any, Hashable, Optional, Tuple
+
+import ml_collections
+
+from lvtp_jax.pruning import registry
+
+MODES = ('masked', 'buffer')
+OVERFLOW_RULES = ('exit_confident', 'exit_last')
+REASSEMBLE = ('logits', 'frozen')
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+  """config.pruning with every field and every registered policy's block."""
+  cfg = ml_collections.ConfigDict()
+  cfg.name = 'none'
+  cfg.mode = 'masked'
+  cfg.layers = ()
+  cfg.capacities = ()
+  cfg.overflow = 'exit_confident'
+  for name in registry.names():
+    block = registry.get(name).config_defaults()
+    if block:
+      cfg[name] = block
+  return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningSpec:
+  """Static description of a pruned forward (hashable; see module docstring).
+
+  Attributes:
+    name: registered policy name.
+    mode: 'masked' or 'buffer'.
+    aux_layers: the stage boundaries, sorted (the model's auxiliary layers).
+    exit_layers: the boundaries at which the policy decides.
+    capacities: per stage, the fraction of N patch slots kept after it.
+    overflow: the overflow rule (OVERFLOW_RULES).
+    reassemble: 'logits' or 'frozen' (see lvtp_jax/pruning/engine.py).
+    params: the policy's validated, hashable parameters.
+  """
+  name: str
+  mode: str
+  aux_layers: Tuple[int, ...]
+  exit_layers: Tuple[int, ...]
+  capacities: Tuple[float, ...]
+  overflow: str
+  reassemble: str
+  params: Hashable = None
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.aux_layers)
+
+  def capacity(self, stage: int, num_patches: int) -> int:
+    """Patch slots of the buffer after boundary `stage` (buffer mode)."""
+    # round() first: 0.3 * 10 is 3.0000000000000004 in floating point.
+    return max(1, math.ceil(round(self.capacities[stage] * num_patches, 6)))
+
+
+def _merge(dst: ml_collections.ConfigDict, src: Any, path: str) -> None:
+  for key in src.keys():
+    value = src[key]
+    if key not in dst:
+      raise ValueError(f'{path}.{key} is not a pruning config field; known: '
+                       f'{sorted(dst.keys())}.')
+    if isinstance(dst[key], ml_collections.ConfigDict):
+      _merge(dst[key], value, f'{path}.{key}')
+      continue
+    try:
+      dst[key] = value
+    except TypeError:
+      raise ValueError(
+          f'{path}.{key}={value!r} has the wrong type; expected a '
+          f'{type(dst[key]).__name__} like the default {dst[key]!r}.'
+      ) from None
+
+
+def resolve(cfg: Optional[Any]) -> ml_collections.ConfigDict:
+  """config.pruning completed with the defaults (a partial block is fine)."""
+  out = config_defaults()
+  if cfg is not None:
+    _merge(out, cfg, 'config.pruning')
+  return out
+
+
+def per_stage(values: Tuple[Any, ...], num_stages: int, field: str,
+              default: Any) -> Tuple[Any, ...]:
+  """A per-stage tuple from () (default), one value, or one per stage."""
+  values = tuple(values)
+  if not values:
+    return (default,) * num_stages
+  if len(values) == 1:
+    return values * num_stages
+  if len(values) != num_stages:
+    raise ValueError(
+        f'{field} has {len(values)} entries; give one per auxiliary layer '
+        f'({num_stages}), a single value for all of them, or ().')
+  return values
+
+
+def build_spec(cfg: Optional[Any], model: Any) -> Optional[PruningSpec]:
+  """Validates config.pruning against `model`; None for 'none'.
+
+  Args:
+    cfg: config.pruning (partial blocks are completed with the defaults), or
+      None for no pruning.
+    model: the Segmenter the spec is for (reads aux_layers).
+
+  Returns:
+    The PruningSpec, or None when the policy is 'none'.
+
+  Raises:
+    ValueError: naming the bad field and the fix.
+  """
+  cfg = resolve(cfg)
+  policy = registry.get(cfg.name)
+  if cfg.mode not in MODES:
+    raise ValueError(f'config.pruning.mode={cfg.mode!r} is not one of {MODES}.')
+  if cfg.overflow not in OVERFLOW_RULES:
+    raise ValueError(f'config.pruning.overflow={cfg.overflow!r} is not one of '
+                     f'{OVERFLOW_RULES}.')
+  if cfg.name == 'none':
+    return None
+  if not hasattr(model, 'aux_layers'):
+    raise ValueError(
+        f'config.pruning.name={cfg.name!r} needs a Segmenter with auxiliary '
+        f'heads; got a {type(model).__name__}.')
+  aux_layers = tuple(sorted(set(model.aux_layers)))
+  if policy.needs_aux_heads and not aux_layers:
+    raise ValueError(
+        f'config.pruning.name={cfg.name!r} exits tokens at the auxiliary '
+        'heads, but the model has no aux_layers; set config.model.aux_layers '
+        '(e.g. (2, 4)) and train the heads first (phase 1), or use '
+        "config.pruning.name='none'.")
+  layers = tuple(cfg.layers) or aux_layers
+  bad = sorted(set(layers) - set(aux_layers))
+  if bad:
+    raise ValueError(
+        f'config.pruning.layers={tuple(cfg.layers)} has {bad}, which are not '
+        f'auxiliary layers of the model {aux_layers}; decisions need an '
+        'auxiliary head there (leave layers=() for all of them).')
+  num_stages = len(aux_layers)
+  capacities = tuple(float(c) for c in per_stage(
+      cfg.capacities, num_stages, 'config.pruning.capacities', 1.0))
+  if any(not 0.0 < c <= 1.0 for c in capacities):
+    raise ValueError(
+        f'config.pruning.capacities={tuple(cfg.capacities)}: every capacity '
+        'is a fraction of the N patch tokens in (0, 1] (e.g. (0.5, 0.25)).')
+  if any(b > a for a, b in zip(capacities, capacities[1:])):
+    raise ValueError(
+        f'config.pruning.capacities={tuple(cfg.capacities)} must not increase '
+        'from one stage to the next: exited patches never come back.')
+  block = cfg.get(cfg.name, ml_collections.ConfigDict())
+  reassemble = policy.reassemble(block)
+  if reassemble not in REASSEMBLE:
+    raise ValueError(f'config.pruning.{cfg.name}.reassemble={reassemble!r} is '
+                     f'not one of {REASSEMBLE}.')
+  return PruningSpec(
+      name=cfg.name, mode=cfg.mode, aux_layers=aux_layers,
+      exit_layers=tuple(sorted(set(layers))), capacities=capacities,
+      overflow=cfg.overflow, reassemble=reassemble,
+      params=policy.make_params(block, num_stages))
+
+
+def attach(model: Any, cfg: Optional[Any]) -> Any:
+  """`model` running the policy of config.pruning (same parameters).
+
+  Args:
+    model: a Segmenter (a ViT classifier accepts only 'none' for now).
+    cfg: config.pruning, or None.
+
+  Returns:
+    model.clone(pruning=spec); the unpruned model for 'none'.
+  """
+  spec = build_spec(cfg, model)
+  if spec is None and not hasattr(model, 'pruning'):
+    return model
+  return model.clone(pruning=spec)
