@@ -8,8 +8,11 @@
 
 Segmentation: WORKDIR's latest training checkpoint is evaluated when there
 is one (a train.py run with the same config), else config.model.init_from.
-Every setting of config.sweep (a list of overrides) gives one row. Any
-config field can be overridden with --config.<a>.<b>=value.
+Every setting of config.sweep (a list of overrides) gives one row; the rows
+are added to WORKDIR/results.json (a row of the same name is replaced), and
+the Pareto plots and exit maps are drawn next to it
+(lvtp_jax/evaluation/plots.py). Any config field can be overridden with
+--config.<a>.<b>=value.
 """
 
 from absl import app
@@ -17,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lvtp_jax.evaluation import classification
+from lvtp_jax.evaluation import plots
 from lvtp_jax.evaluation import results
 from lvtp_jax.evaluation import segmentation
 
@@ -31,15 +35,18 @@ _TASKS = ('classification', 'segmentation')
 
 
 def run(config, workdir: str):
-  """Evaluates `config` and writes WORKDIR/results.json; returns its content."""
+  """Evaluates `config`, adds its rows to WORKDIR/results.json (rows of the
+  same name are replaced) and draws the figures; returns the file's content."""
   if config.task not in _TASKS:
     raise ValueError(f'config.task={config.task!r} has no evaluator; known: '
                      f'{sorted(_TASKS)}.')
   if config.task == 'segmentation':
-    rows = segmentation.evaluate(config, workdir)
+    rows, visuals = segmentation.evaluate(config, workdir)
   else:
-    rows = [classification.evaluate(config)]
-  return results.write(workdir, rows)
+    rows, visuals = [classification.evaluate(config)], None
+  out = results.write(workdir, rows, merge=True)
+  plots.write_figures(workdir, out['rows'], visuals)
+  return out
 
 
 def main(argv):

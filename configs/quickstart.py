@@ -8,21 +8,40 @@ model on the validation split and writes runs/quickstart/results.json.
 Re-running the command resumes from the latest checkpoint; add --restart to
 start over.
 
-arg: runlocal (a tiny model and a few steps on synthetic_scenes/tiny, for
-tests and a first look: python train.py --config configs/quickstart.py:runlocal
---workdir /tmp/qs).
+The pruning policies are compared on the trained model, with no
+fine-tuning, by eval.py on the same workdir; each call adds its rows to
+runs/quickstart/results.json and draws the Pareto plots and exit maps:
+
+  # unpruned, random, DToP (p0 0.95, 0.9), LVTP-R: masked and buffer mode
+  python eval.py --config configs/quickstart.py:sweep=policies \
+      --workdir runs/quickstart
+  # the LVTP-R ablations (masked mode)
+  python eval.py --config configs/quickstart.py:sweep=lvtp_ablation \
+      --workdir runs/quickstart
+
+arg (comma-separated):
+  runlocal  a tiny model and a few steps on synthetic_scenes/tiny, for tests
+            and a first look (python train.py --config
+            configs/quickstart.py:runlocal --workdir /tmp/qs)
+  sweep     none (default: one row, config.pruning; what train.py
+            evaluates at the end) | policies | lvtp_ablation
+            (lvtp_jax/evaluation/sweeps.py)
 """
 
 import ml_collections
 
 from lvtp_jax import config_args
+from lvtp_jax import pruning
 from lvtp_jax.data import scene_generator
 from lvtp_jax.evaluation import segmentation
+from lvtp_jax.evaluation import sweeps
 from lvtp_jax.train import optim
 
 
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, runlocal=False)
+  arg = config_args.parse_arg(arg, runlocal=False, sweep='none')
+  if arg.sweep not in SWEEPS:
+    raise ValueError(f'sweep={arg.sweep!r}; known: {sorted(SWEEPS)}.')
   config = ml_collections.ConfigDict()
   config.task = 'segmentation'
   config.seed = 0
@@ -45,8 +64,7 @@ def get_config(arg=None):
   config.model.normalization = 'vit'
   config.model.drop_path_rate = 0.0
 
-  config.pruning = ml_collections.ConfigDict()
-  config.pruning.name = 'none'
+  config.pruning = pruning.config_defaults()   # name 'none': unpruned
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'synthetic_scenes'
@@ -65,7 +83,7 @@ def get_config(arg=None):
   config.train.optimizer = 'adamw'
   config.train.lr = 1e-3
   config.train.warmup_steps = 100
-  config.train.num_steps = 1500
+  config.train.num_steps = 2000
   config.train.weight_decay = 0.01
   config.train.grad_clip_norm = 1.0
   config.train.lr_mult = 10.0
@@ -84,10 +102,11 @@ def get_config(arg=None):
   config.train.num_devices = 0         # devices of the data mesh (0 = all)
 
   config.eval = segmentation.config_defaults()
-  config.eval.update(dict(mode='whole', size=128, short_size=0, long_max=0))
+  config.eval.update(dict(mode='whole', size=128, short_size=0, long_max=0,
+                          exit_maps=4, timing_iters=10, timing_rounds=5))
   # Evaluation settings, one results row each (dotted overrides of this
   # config); () = one row for the config as it is.
-  config.sweep = ()
+  config.sweep = SWEEPS[arg.sweep]()
 
   if arg.runlocal:
     config.data.name = 'synthetic_scenes/tiny'
@@ -109,4 +128,17 @@ def get_config(arg=None):
     config.eval.timing_iters = 1
     config.eval.timing_rounds = 1
     config.eval.warmup = 1
+    config.eval.exit_maps = 2
+    # Three settings keep the test fast: the unpruned model, and DToP and
+    # LVTP calibrated on 8 images.
+    keep = ('unpruned', 'dtop_p0.9/buffer', 'lvtp/buffer')
+    config.sweep = tuple(
+        dict(s, **({'pruning.calibrate.images': 8}
+                   if 'pruning.calibrate.images' in s else {}))
+        for s in config.sweep
+        if arg.sweep != 'policies' or s['eval.name'] in keep)
   return config
+
+
+SWEEPS = {'none': tuple, 'policies': sweeps.policy_comparison,
+          'lvtp_ablation': sweeps.lvtp_ablation}

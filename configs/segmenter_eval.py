@@ -18,6 +18,7 @@ ADE20K on the development machine).
 import ml_collections
 
 from lvtp_jax import config_args
+from lvtp_jax import pruning
 from lvtp_jax.evaluation import segmentation
 
 def get_config(arg=None):
@@ -40,8 +41,7 @@ def get_config(arg=None):
   config.model.aux_head = 'linear'
   config.model.normalization = 'vit'
 
-  config.pruning = ml_collections.ConfigDict()
-  config.pruning.name = 'none'
+  config.pruning = pruning.config_defaults()   # name 'none': unpruned
 
   config.data = ml_collections.ConfigDict()
   config.data.name = arg.dataset

@@ -9,7 +9,14 @@ r"""Segmenter on ADE20K, Cityscapes or Pascal Context: the official recipe.
       --workdir runs/seg_s_mask_ade20k
 
 The same run with the auxiliary heads DToP and LVTP prune with (phase 1 of
-their recipe): add aux=dtop to the arg.
+their recipe): add aux=dtop to the arg. Then
+
+  # LVTP-R and DToP without fine-tuning, on the phase-1 checkpoint:
+  python eval.py --config configs/segmenter_train.py:aux=dtop,sweep=policies \
+      --workdir runs/seg_s_ade_aux
+  # DToP phase 2 (pruning fine-tune, decisions live), from phase 1:
+  python train.py --config configs/segmenter_train.py:aux=dtop,phase=2 \
+      --workdir runs/seg_s_ade_dtop --config.model.init_from=runs/seg_s_ade_aux
 
 arg (comma-separated key=value):
   dataset  ade20k (default) | cityscapes | pascal_context
@@ -22,6 +29,14 @@ arg (comma-separated key=value):
            blocks 6 and 8 (12-block models) or 8 and 16 (ViT-L), each with
            token cross-entropy weight 1.0 (the DToP configs weight every
            head 1.0)
+  phase    1 (default) | 2: DToP's pruning fine-tune (specs/dtop.md §4):
+           config.pruning = dtop (p0 0.9, or 0.95 for ViT-L; top-k 5,
+           masked mode), AdamW lr 2e-5 (heads x10), weight decay 0.01,
+           gradient clip 35, 1500 warm-up steps, poly 0.9, 40k iterations;
+           init_from is the phase-1 workdir. Needs aux=dtop.
+  sweep    none (default: one row, config.pruning) | policies (unpruned,
+           random, DToP, LVTP-R; lvtp_jax.evaluation.sweeps) |
+           lvtp_ablation
   runlocal a few steps on synthetic_scenes/tiny with a tiny random model
 
 Recipe (official segm/config.yml and train.py defaults, spec
@@ -41,8 +56,10 @@ Evaluation: the official single-scale sliding-window protocol
 import ml_collections
 
 from lvtp_jax import config_args
+from lvtp_jax import pruning
 from lvtp_jax.data import segmentation_datasets
 from lvtp_jax.evaluation import segmentation
+from lvtp_jax.evaluation import sweeps
 from lvtp_jax.train import optim
 
 # dataset -> (batch, lr, crop, iterations, mmseg img_scale (long, short)).
@@ -55,18 +72,25 @@ RECIPES = {
 VARIANTS = {'T': (192, 12, 3), 'S': (384, 12, 6), 'B': (768, 12, 12),
             'L': (1024, 24, 16)}
 AUX_LAYERS = {12: (6, 8), 24: (8, 16)}
+SWEEPS = {'none': tuple, 'policies': sweeps.policy_comparison,
+          'lvtp_ablation': sweeps.lvtp_ablation}
 
 
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, dataset='ade20k', variant='S',
                               decoder='mask_transformer', aux='none',
-                              runlocal=False)
+                              phase=1, sweep='none', runlocal=False)
   if arg.dataset not in RECIPES:
     raise ValueError(f'dataset={arg.dataset!r}; known: {sorted(RECIPES)}.')
   if arg.variant not in VARIANTS:
     raise ValueError(f'variant={arg.variant!r}; known: {sorted(VARIANTS)}.')
   if arg.aux not in ('none', 'dtop'):
     raise ValueError(f'aux={arg.aux!r}; expected none or dtop.')
+  if arg.phase not in (1, 2) or (arg.phase == 2 and arg.aux != 'dtop'):
+    raise ValueError(f'phase={arg.phase}: 1, or 2 (the DToP pruning '
+                     'fine-tune) together with aux=dtop.')
+  if arg.sweep not in SWEEPS:
+    raise ValueError(f'sweep={arg.sweep!r}; known: {sorted(SWEEPS)}.')
   batch, lr, crop, steps, img_scale = RECIPES[arg.dataset]
   width, depth, heads = VARIANTS[arg.variant]
   if arg.dataset == 'ade20k' and arg.variant == 'L':
@@ -95,8 +119,7 @@ def get_config(arg=None):
   config.model.normalization = 'vit'   # random init only; else the source's
   config.model.drop_path_rate = 0.1
 
-  config.pruning = ml_collections.ConfigDict()
-  config.pruning.name = 'none'
+  config.pruning = pruning.config_defaults()   # name 'none': unpruned
 
   config.data = ml_collections.ConfigDict()
   config.data.name = arg.dataset
@@ -131,7 +154,15 @@ def get_config(arg=None):
   config.data.split = split
   config.eval = segmentation.config_defaults()
   config.eval.update(protocol)
-  config.sweep = ()
+  config.sweep = SWEEPS[arg.sweep]()
+
+  if arg.phase == 2:
+    config.pruning.name = 'dtop'
+    config.pruning.dtop.threshold = 0.95 if arg.variant == 'L' else 0.9
+    config.train.update(dict(
+        optimizer='adamw', lr=2e-5, end_lr=0.0, power=0.9, warmup_steps=1500,
+        num_steps=40_000, weight_decay=0.01, grad_clip_norm=35.0,
+        lr_mult=10.0, lr_mult_regex=r'^(decoder|aux_head_\d+)/'))
 
   if arg.runlocal:
     from lvtp_jax.data import scene_generator  # pylint: disable=g-import-not-at-top
@@ -146,7 +177,7 @@ def get_config(arg=None):
                             num_examples=4))
     config.train.update(dict(batch_size=2, num_steps=2, log_every=1,
                              checkpoint_every=2, eval_every=0,
-                             num_threads=0))
+                             num_threads=0, warmup_steps=0))
     config.eval.update(dict(mode='slide', short_size=128, long_max=128,
                             window=64, stride=32, timing_iters=1,
                             timing_rounds=1, warmup=1))

@@ -8,10 +8,13 @@ import ml_collections
 import pytest
 
 from lvtp_jax import config_args
+from lvtp_jax import pruning
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.data import segmentation_datasets
 from lvtp_jax.evaluation import classification
 from lvtp_jax.evaluation import segmentation
+from lvtp_jax.models import segmenter as seg_lib
+from lvtp_jax.train import model_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -41,9 +44,16 @@ def test_config_loads_and_names_known_components(path):
       timm_convert.model_config(config.model.timm_name)
     else:
       assert config.task == 'segmentation'
-      assert config.pruning.name in segmentation.POLICIES
       assert config.eval.mode in ('whole', 'slide')
       segmentation_datasets.get_dataset(config.data.name)
+      # Every evaluation setting is a valid pruning config for the model
+      # the config describes (the spec checks layers against aux_layers).
+      model = seg_lib.Segmenter(**model_init._random_init_kwargs(  # pylint: disable=protected-access
+          config.model), aux_layers=tuple(config.model.aux_layers))
+      for setting in segmentation.sweep_settings(config):
+        pruning.build_spec(setting.pruning, model,
+                           normalization=dict(mean=(0.5,) * 3,
+                                              std=(0.5,) * 3))
   with pytest.raises(ValueError, match='unknown config arg'):
     mod.get_config('no_such_arg=1')
 
@@ -99,3 +109,19 @@ def test_segmenter_train_recipes():
   assert (city.train.lr, city.data.crop_size) == (1e-2, 768)
   with pytest.raises(ValueError, match='variant'):
     mod.get_config('variant=H')
+  # DToP phase 2: the pruning fine-tune of specs/dtop.md §4.
+  two = mod.get_config('variant=B,aux=dtop,phase=2')
+  assert (two.pruning.name, two.pruning.dtop.threshold,
+          two.pruning.dtop.top_k, two.pruning.mode) == ('dtop', 0.9, 5,
+                                                        'masked')
+  assert (two.train.optimizer, two.train.lr, two.train.num_steps,
+          two.train.warmup_steps, two.train.grad_clip_norm,
+          two.train.lr_mult) == ('adamw', 2e-5, 40_000, 1500, 35.0, 10.0)
+  assert mod.get_config('variant=L,aux=dtop,phase=2').pruning.dtop.threshold \
+      == 0.95
+  with pytest.raises(ValueError, match='phase=2'):
+    mod.get_config('phase=2')
+  names = [s['eval.name'] for s in mod.get_config(
+      'aux=dtop,sweep=policies').sweep]
+  assert names[0] == 'unpruned' and 'lvtp/buffer' in names
+  assert len(set(names)) == len(names)

@@ -101,3 +101,49 @@ def test_bad_configs_fail_clearly(data_dir, tmp_path):
   config = _config(str(tmp_path / 'empty'))
   with pytest.raises(FileNotFoundError, match='synthetic_scenes'):
     eval_main.run(config, str(tmp_path))
+
+
+def test_pruned_settings_in_slide_mode(data_dir, tmp_path):
+  """Decisions per window; token statistics over the real windows only."""
+  config = _config(data_dir, mode='slide', short_size=128, long_max=128,
+                   window=64, stride=32, exit_maps=2)
+  config.model.aux_layers = (4, 8)
+  dtop = {'pruning.name': 'dtop', 'pruning.dtop.threshold': 0.12}
+  config.sweep = (
+      {'eval.name': 'unpruned'},
+      dict(dtop, **{'eval.name': 'dtop_p1', 'pruning.dtop.threshold': 1.0}),
+      dict(dtop, **{'eval.name': 'dtop'}),
+      dict(dtop, **{'eval.name': 'dtop/buffer', 'pruning.mode': 'buffer',
+                    'pruning.calibrate.images': 2,
+                    'pruning.calibrate.quantile': 0.5}))
+  out = eval_main.run(config, str(tmp_path))
+  unpruned, never, masked, buffered = out['rows']
+  # 128 px images, windows of 64 at stride 32: 3 x 3 windows, 4 + 1 + 4
+  # in three batches of 4 (the last one padded).
+  for row in out['rows'][1:]:
+    assert row['forwards'] == NUM * 9
+  # p0 = 1.0 exits nothing: the unpruned numbers.
+  assert never['miou'] == pytest.approx(unpruned['miou'], abs=1e-6)
+  assert never['gflops_effective'] == pytest.approx(
+      unpruned['gflops_effective'])
+  assert never['exit_fraction_per_stage'] == [0.0, 0.0]
+  assert masked['gflops_effective'] < unpruned['gflops_effective']
+  assert sum(masked['exit_fraction_per_stage']) > 0.1
+  assert masked['tokens_per_stage'][0] == 17.0           # 4 x 4 + CLS
+  assert masked['stage_starts'] == [0, 4, 8]
+  assert masked['params']['threshold'] == 0.12
+  assert masked['params']['mode'] == 'masked'
+  assert buffered['calibration'] == dict(split='train', images=2,
+                                         forwards=18, quantile=0.5)
+  caps = buffered['params']['capacities']
+  assert len(caps) == 2 and caps[0] >= caps[1]
+  assert buffered['capacity_per_stage'][1:] == [
+      int(np.ceil(round(c * 16, 6))) + 1 for c in caps]
+  assert buffered['gflops_realized'] < unpruned['gflops_realized']
+  assert buffered['realized_flops_ratio'] > 1.0
+  assert buffered['overflow_forwards'] <= buffered['forwards']
+  assert 0 < buffered['decision_share'] < 0.05
+  # Figures: the Pareto plots and exit maps of the pruned settings.
+  for name in ('pareto_miou.png', 'pareto_boundary_miou.png',
+               'exit_maps.png'):
+    assert os.path.getsize(tmp_path / name) > 1000

@@ -27,37 +27,13 @@ from lvtp_jax.pruning import dtop
 from lvtp_jax.pruning import engine
 from lvtp_jax.pruning import random_exit
 from lvtp_jax.pruning import registry
+from tests import tiny_segmenter as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-C = 5
-HW = 32           # 4 x 4 patches of 8 pixels
-N = (HW // 8) ** 2
-AUX = (1, 2)
-B = 3
-
-
-def _model(**kw):
-  fields = dict(num_classes=C, width=32, depth=3, num_heads=2, mlp_dim=64,
-                patch_size=8, img_size=HW, decoder='linear',
-                decoder_depth=1, aux_layers=AUX, aux_head='linear')
-  fields.update(kw)
-  return seg_lib.Segmenter(**fields)
-
-
-def _params(model, x_shape=(1, HW, HW, 3), seed=0):
-  """Random parameters without compiling the initialisers (slow on XLA:CPU)."""
-  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-      shapes)
-
-
-def _images(seed, batch=B):
-  return jax.random.normal(jax.random.PRNGKey(seed), (batch, HW, HW, 3))
-
-
+C, HW, N, AUX, B = tiny.C, tiny.HW, tiny.N, tiny.AUX, tiny.B
+_model = tiny.model
+_params = tiny.random_params
+_images = tiny.images
 MODEL = _model()
 PARAMS = _params(MODEL)
 MASK_MODEL = _model(decoder='mask_transformer')
@@ -172,9 +148,9 @@ def test_reassembly():
   dec = rng.normal(size=(1, 3, C)).astype(np.float32)   # 3 patch slots
   canvas = rng.normal(size=(1, 4, C)).astype(np.float32)
   src = np.array([[3, -1, 1, -1]])   # slots, after one prefix slot
-  both = jax.jit(lambda *a: [engine.reassemble(*a, 1, how)
-                             for how in pruning.REASSEMBLE])
-  out, frozen = map(np.asarray, both(dec, src, canvas))
+  every = jax.jit(lambda *a: [engine.reassemble(*a, 1, how, (2, 2))
+                              for how in pruning.REASSEMBLE])
+  out, frozen, interpolated = map(np.asarray, every(dec, src, canvas))
   want = np.stack([dec[0, 2], canvas[0, 1], dec[0, 0], canvas[0, 3]])
   np.testing.assert_array_equal(out[0], want)
   # 'frozen': the canvas holds log-probabilities, stayed patches get the
@@ -184,6 +160,14 @@ def test_reassembly():
   np.testing.assert_allclose(np.exp(frozen[0][[0, 2]]), probs[[0, 2]],
                              rtol=1e-5)
   np.testing.assert_array_equal(frozen[0][[1, 3]], canvas[0, [1, 3]])
+  # 'interpolate': on the 2 x 2 grid patches 0 and 2 stayed; patch 1 (0, 1)
+  # is next to patch 0 (distance 1, patch 2 is at sqrt 2), patch 3 (1, 1)
+  # next to patch 2.
+  np.testing.assert_array_equal(
+      interpolated[0], dec[0, [2, 2, 0, 0]])
+  nothing_stayed = engine.reassemble(dec, np.full((1, 4), -1), canvas, 1,
+                                     'interpolate', (2, 2))
+  np.testing.assert_array_equal(nothing_stayed, canvas)
 
 
 # ----------------------------------------------------------------------------
@@ -369,7 +353,7 @@ def test_config_defaults_and_spec():
     (dict(name='dtop', capacities=(0.5, 1.5)), r'capacities.*\(0, 1\]'),
     (dict(name='dtop', capacities=(0.0,)), r'capacities.*\(0, 1\]'),
     (dict(name='dtop', capacities=(0.25, 0.5)), r'must not increase'),
-    (dict(name='dtop', capacities=(0.5, 0.5, 0.5)), r'one per auxiliary'),
+    (dict(name='dtop', capacities=(0.5, 0.5, 0.5)), r'one per stage boundary'),
     (dict(name='dtop', layers=(3,)), r'config.pruning.layers=\(3,\)'),
     (dict(name='dtop', dtopp=dict()), r'config.pruning.dtopp is not'),
     (dict(name='random', random=dict(exit_fraction=(2.0,))),
@@ -443,7 +427,8 @@ def test_random_seed_changes_the_choice():
   images = _images(8, batch=2)
   valid = jnp.ones((2, N), bool)
   src = jnp.broadcast_to(jnp.arange(N), (2, N))
-  ctx = registry.StageContext(stage=0, layer=1, valid=valid, src=src,
+  ctx = registry.StageContext(stage=0, layer=1, grid=(4, 4), valid=valid,
+                              src=src,
                               signals={},
                               prepared=random_exit.image_hash(images))
   params = [policy.make_params(ml_collections.ConfigDict(
@@ -477,20 +462,31 @@ def test_one_training_step_with_dtop(tmp_path, monkeypatch):
   config.pruning = pruning.config_defaults()
   config.pruning.update(dict(name='dtop', mode='buffer', capacities=(0.5,)))
   config.pruning.dtop.threshold = 0.2
-  # loop.train builds the model with model_init.build(config.model, seed);
-  # pass it config.pruning (unless the loop already does).
   real_build = model_init.build
   built = {}
 
-  def build(cfg, seed, **kw):
-    kw.setdefault('pruning', config.pruning)
-    out = real_build(cfg, seed, **kw)
+  def build(cfg, seed):
+    out = real_build(cfg, seed)
     built['params'] = jax.device_get(out[1])  # the step donates its input
     return out
 
+  real_step = loop.make_train_step
+  stepped = {}
+
+  def make_train_step(model, *args):
+    stepped['model'] = model
+    return real_step(model, *args)
+
   monkeypatch.setattr(model_init, 'build', build)
+  monkeypatch.setattr(loop, 'make_train_step', make_train_step)
   model, params, _ = loop.train(config, str(tmp_path / 'run'))
-  assert model.pruning.name == 'dtop' and model.pruning.mode == 'buffer'
+  # The step ran with the policy live; train() returns the unpruned model
+  # (evaluation attaches each setting's policy).
+  assert stepped['model'].pruning.name == 'dtop'
+  assert stepped['model'].pruning.mode == 'buffer'
+  assert model.pruning is None
+  with open(tmp_path / 'run' / 'config.json') as f:
+    assert json.load(f)['pruning']['name'] == 'dtop'
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     row = json.loads(f.readline())
   assert np.isfinite(row['loss']) and 'aux_loss_1' in row
@@ -515,7 +511,7 @@ class _LowClsAttention(registry.Policy):
   name = 'test_low_cls_attention'
   signals = frozenset({'cls_attn', 'image'})
 
-  def prepare(self, images, params):
+  def prepare(self, images, params, *, normalization, patch_size):
     return images.mean(axis=(1, 2, 3))
 
   def decide(self, ctx, params):

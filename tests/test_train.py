@@ -136,16 +136,12 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def _config(data_dir, **train):
-  config = quickstart.get_config('runlocal')
+def _config(data_dir, arg='runlocal', **train):
+  config = quickstart.get_config(arg)
   config.data.data_dir = data_dir
   config.train.progress = False
   config.train.update(train)
   return config
-
-
-def quickstart_run_data_dir(out):
-  return out['data_dir']
 
 
 def _final_params(workdir, step):
@@ -158,17 +154,40 @@ def _final_params(workdir, step):
 def quickstart_run(data_dir, tmp_path_factory):
   """The runlocal quickstart, end to end (3 steps, aux head, evaluation)."""
   workdir = str(tmp_path_factory.mktemp('quickstart'))
-  out = loop.train_and_evaluate(_config(data_dir), workdir)
-  return workdir, dict(out, data_dir=data_dir)
+  # The final evaluation runs the (runlocal) policy comparison.
+  out = loop.train_and_evaluate(_config(data_dir, 'runlocal,sweep=policies'),
+                                workdir)
+  return workdir, out
 
 
 def test_quickstart_runlocal_end_to_end(quickstart_run):
   workdir, out = quickstart_run
   with open(os.path.join(workdir, 'results.json')) as f:
     written = json.load(f)
-  assert written == {k: v for k, v in out.items() if k != 'data_dir'}
-  row = written['rows'][0]
-  assert 0 <= row['miou'] <= 100 and 0 <= row['boundary_miou'] <= 100
+  assert written == out
+  # The runlocal sweep: the unpruned model, DToP and LVTP in buffer mode.
+  unpruned, dtop, lvtp = written['rows']
+  assert [r['policy'] for r in written['rows']] == ['none', 'dtop', 'lvtp']
+  for row in written['rows']:
+    assert 0 <= row['miou'] <= 100 and 0 <= row['boundary_miou'] <= 100
+    assert row['gflops_effective'] <= unpruned['gflops_effective'] * (1 + 1e-9)
+  for row in (dtop, lvtp):
+    assert row['params']['mode'] == 'buffer'
+    assert row['calibration'] == dict(split='train', images=8, forwards=8,
+                                      quantile=0.75)
+    assert row['speedup'] > 0 and row['realized_flops_ratio'] > 0
+    assert len(row['params']['capacities']) == 1
+    assert row['capacity_per_stage'][0] == unpruned['tokens_per_stage'][0]
+    assert 0 <= row['overflow_forwards'] <= row['forwards']
+    assert 0 <= row['decision_share'] < 0.1
+  assert lvtp['params']['qs'] == [0.5, 1.0, 2.0]
+  # Patch accuracy of the exited and the remaining patches, pruned vs
+  # unpruned: every evaluated patch is in one group.
+  acc = lvtp['token_accuracy']
+  assert acc['exited']['patches'] + acc['stayed']['patches'] == 8 * 64
+  for name in ('pareto_miou.png', 'pareto_boundary_miou.png',
+               'exit_maps.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     lines = [json.loads(line) for line in f]
   evals = [r for r in lines if 'eval_miou' in r]
@@ -185,42 +204,44 @@ def test_quickstart_runlocal_end_to_end(quickstart_run):
 
 
 def test_eval_py_evaluates_the_latest_training_checkpoint(quickstart_run,
-                                                         tmp_path):
+                                                         data_dir, tmp_path):
   import eval as eval_main  # pylint: disable=g-import-not-at-top
   workdir, out = quickstart_run
-  config = _config(quickstart_run_data_dir(out))
+  config = _config(data_dir)
   # Two settings in one call: the model as trained, and at another size.
   config.sweep = ({'eval.name': 'as_trained'},
                   {'eval.name': 'at_96', 'eval.size': 96,
                    'eval.short_size': 96, 'eval.long_max': 96})
   evaluated = eval_main.run(config, workdir)
-  rows = evaluated['rows']
-  assert [r['name'] for r in rows] == ['as_trained', 'at_96']
+  # The rows are added to those of the training run.
+  assert [r['name'] for r in evaluated['rows']] == [
+      r['name'] for r in out['rows']] + ['as_trained', 'at_96']
+  rows = evaluated['rows'][-2:]
   assert rows[0]['weights'].endswith('checkpoints/3')
   assert rows[0]['miou'] == pytest.approx(out['rows'][0]['miou'], abs=1e-6)
   assert rows[1]['inference']['size'] == [96, 96]
   assert rows[1]['gflops_effective'] < rows[0]['gflops_effective']
 
-  bad = _config(quickstart_run_data_dir(out))
+  bad = _config(data_dir)
   bad.model.width = 48
   with pytest.raises(ValueError, match=r'model.width: 32 -> 48'):
     eval_main.run(bad, workdir)
-  bad = _config(quickstart_run_data_dir(out))
+  bad = _config(data_dir)
   bad.sweep = ({'eval.sise': 96},)
   with pytest.raises(ValueError, match=r"sweep\[0\] sets 'eval.sise'"):
     eval_main.run(bad, workdir)
-  empty = _config(quickstart_run_data_dir(out))
+  empty = _config(data_dir)
   empty.model.random_init = False
   with pytest.raises(ValueError, match='nothing to evaluate'):
     eval_main.run(empty, str(tmp_path))
 
 
-def test_init_from_a_training_workdir(quickstart_run, tmp_path):
+def test_init_from_a_training_workdir(quickstart_run, data_dir):
   """Phase 2 (pruning fine-tune) starts from the phase-1 workdir."""
   from lvtp_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from lvtp_jax.train import model_init  # pylint: disable=g-import-not-at-top
-  workdir, out = quickstart_run
-  config = _config(quickstart_run_data_dir(out))
+  workdir, _ = quickstart_run
+  config = _config(data_dir)
   config.model.init_from = workdir
   config.model.drop_path_rate = 0.1
   model, params, prep, initialised = model_init.build(config.model, seed=7)

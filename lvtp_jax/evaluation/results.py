@@ -10,11 +10,21 @@ _COLUMNS = ('name', 'policy', 'top1', 'miou', 'boundary_miou',
             'gflops_realized', 'gflops_effective', 'images_per_second')
 
 
-def write(workdir: str, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-  """Writes results.json atomically (a killed run leaves the old file whole)."""
+def write(workdir: str, rows: List[Dict[str, Any]],
+          merge: bool = False) -> Dict[str, Any]:
+  """Writes results.json atomically (a killed run leaves the old file whole).
+
+  merge: keep the rows already in the file, replacing those with the name of
+  a new row (eval.py adds an ablation's rows to a training run's).
+  """
   os.makedirs(workdir, exist_ok=True)
-  out = dict(device=speed.device_name(), rows=rows)
   path = os.path.join(workdir, 'results.json')
+  if merge and os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f).get('rows', [])
+    new_names = {r['name'] for r in rows}
+    rows = [r for r in old if r.get('name') not in new_names] + list(rows)
+  out = dict(device=speed.device_name(), rows=rows)
   with open(path + '.tmp', 'w') as f:
     json.dump(out, f, indent=2)
   os.replace(path + '.tmp', path)

@@ -14,29 +14,42 @@ FLOPs and throughput are per image. In 'whole' mode an image is one forward
 at size x size; in 'slide' mode it is the average number of windows per image
 times one window forward. images_per_second is measured on a batch of
 forwards at that shape (size, or window) and divided by the windows per image.
+
+config.pruning (lvtp_jax.pruning) is attached per setting; pruning decisions
+are made per forward (per window in 'slide' mode). A row (DESIGN §3) holds
+name, policy, params (the policy's settings, capacities as used), miou,
+boundary_miou, pixel_accuracy, per_class_iou, gflops_realized (XLA, per
+image), gflops_effective (analytic, from the valid tokens of every forward,
+averaged over the evaluated images), images_per_second, device,
+stage_starts (first block of each stage) and tokens_per_stage (mean valid
+slots, prefix included). Pruned rows add: speedup (images/s over the
+unpruned model's, timed interleaved in the same process),
+realized_flops_ratio (unpruned / pruned XLA FLOPs: the speed-up the
+compiled program allows), gflops_decisions and decision_share (the policy's
+own scoring and clustering, XLA-counted, and its share of gflops_realized),
+capacity_per_stage (buffer slots), exit_fraction_per_stage and
+decoder_fraction (fractions of the patches), overflow_tokens and
+overflow_forwards (patches force-exited by the overflow rule, and the
+forwards where it happened, out of `forwards`), calibration when the
+capacities were measured (config.pruning.calibrate), and in 'whole' mode
+token_accuracy (seg_runner: patch accuracy of the exited and the remaining
+patches, pruned vs unpruned).
 """
 
-import sys
+import json
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
-from lvtp_jax.data import seg_transforms
-from lvtp_jax.data import segmentation as seg_data
-from lvtp_jax.data import segmentation_datasets
-from lvtp_jax.evaluation import inference
-from lvtp_jax.evaluation import segmentation_metrics
+from lvtp_jax import pruning
+from lvtp_jax.evaluation import seg_runner
 from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
 from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.train import checkpoint
 from lvtp_jax.train import model_init
-
-POLICIES = ('none',)
 
 # The official single-scale evaluation protocol per dataset: dataset ->
 # (split, config.eval overrides). segm/eval/miou.py defaults: short side
@@ -121,12 +134,15 @@ def sweep_settings(config: ml_collections.ConfigDict
   config.sweep is a sequence of override dicts with dotted keys, e.g.
   ({'eval.name': 'dense'}, {'pruning.name': 'dtop',
   'pruning.dtop.threshold': 0.9}); each gives one results row. An empty
-  sweep means one setting: the config as it is.
+  sweep means one setting: the config as it is. config.pruning is completed
+  with every default first (lvtp_jax.pruning.config_defaults), so a sweep
+  can set any policy's field.
   """
   overrides = list(config.get('sweep', ()) or ()) or [{}]
   settings = []
   for i, override in enumerate(overrides):
     setting = ml_collections.ConfigDict(config.to_dict())
+    setting.pruning = pruning.resolve(setting.get('pruning'))
     for key, value in dict(override).items():
       *parents, leaf = key.split('.')
       node = setting
@@ -137,156 +153,161 @@ def sweep_settings(config: ml_collections.ConfigDict
         raise ValueError(f'config.sweep[{i}] sets {key!r}, which is not a '
                          'config field; check the spelling against the '
                          'config.')
-      node[leaf] = value
+      try:
+        node[leaf] = value
+      except TypeError:
+        raise ValueError(
+            f'config.sweep[{i}] sets {key!r} to {value!r}, but the field '
+            f'holds a {type(node[leaf]).__name__} ({node[leaf]!r}).') from None
     settings.append(setting)
   return settings
 
 
 def evaluate(config: ml_collections.ConfigDict,
-             workdir: Optional[str] = None) -> List[Dict[str, Any]]:
-  """Evaluates every setting of config's sweep; one results row each."""
+             workdir: Optional[str] = None
+             ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  """Evaluates every setting of config's sweep on the model config names.
+
+  Returns:
+    (rows, visuals): one results row per setting, and what the pictures are
+    drawn from (see evaluate_sweep).
+  """
   model, params, prep, source = build_model(config, workdir)
   return evaluate_sweep(config, model, params, prep, weights=source)
 
 
 def evaluate_sweep(config: ml_collections.ConfigDict, model, params,
                    prep: Dict[str, Any], weights: str = ''
-                   ) -> List[Dict[str, Any]]:
-  """`evaluate_model` for each setting of config.sweep (one model)."""
-  rows = []
+                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  """`evaluate_model` for each setting of config.sweep (one model).
+
+  Returns:
+    (rows, visuals): the rows, and dict(prep=prep, maps={row name: exit
+    maps}) with the first config.eval.exit_maps exit maps of every pruned
+    setting (lvtp_jax.evaluation.plots draws them).
+  """
+  rows, maps = [], {}
+  baseline = _Baseline(model)
   for setting in sweep_settings(config):
-    row = evaluate_model(setting, model, params, prep)
+    row, row_maps = evaluate_model(setting, model, params, prep, baseline)
     if weights:
       row['weights'] = weights
     rows.append(row)
-  return rows
+    if row_maps:
+      maps[row['name']] = row_maps
+  return rows, dict(prep=dict(prep), maps=maps)
 
 
-def _whole(model, params, source, cfg, mean, std, metrics, num):
-  """Batched whole-image inference; returns (last batch images, windows/img)."""
-  ecfg = cfg.eval
-  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  batches = seg_data.eval_batches(
-      source, batch_size=cfg.data.batch_size, size=ecfg.size,
-      num_examples=num, mean=mean, std=std,
-      short_size=ecfg.short_size or None, long_max=ecfg.long_max or None)
-  images = None
-  for batch in _progress(batches, -(-num // cfg.data.batch_size), cfg):
-    pred = np.asarray(jnp.argmax(fwd(params, batch['image']), axis=-1))
-    pixel_mask = batch['pixel_mask'] & batch['mask'][:, None, None]
-    metrics.update(pred, batch['segmentation'], mask=pixel_mask)
-    images = batch['image']
-  return jnp.asarray(images), 1.0
+class _Baseline:
+  """The unpruned forward, compiled once per sweep, for speed-ups and the
+  realized-FLOP ratio of every pruned row."""
+
+  def __init__(self, model):
+    self.apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    self.forward = jax.jit(lambda p, x: model.apply({'params': p}, x,
+                                                    return_aux=True))
+    self._realized = {}
+
+  def realized(self, params, images) -> float:
+    key = images.shape
+    if key not in self._realized:
+      self._realized[key] = flops.realized_gflops(
+          self.apply, params, images, batch_size=images.shape[0])
+    return self._realized[key]
 
 
-def _slide(model, params, source, cfg, mean, std, metrics, num):
-  """Official sliding-window inference, one image at a time."""
-  ecfg = cfg.eval
-  predict = inference.predict_fn_for(model, params)
-  windows = []
-  for i in _progress(range(num), num, cfg):
-    ex = seg_transforms.eval_transform(
-        source[i], short_size=ecfg.short_size, long_max=ecfg.long_max,
-        mean=mean, std=std)
-    image = inference.upsample_to_window(jnp.asarray(ex['image']), ecfg.window)
-    probs = inference.segment(
-        predict, image, out_size=ex['segmentation'].shape, mode='slide',
-        window=ecfg.window, stride=ecfg.stride, batch_size=cfg.data.batch_size)
-    metrics.update(np.asarray(jnp.argmax(probs, -1)), ex['segmentation'])
-    h, w = image.shape[:2]
-    windows.append(len(inference.window_anchors(h, ecfg.window, ecfg.stride)) *
-                   len(inference.window_anchors(w, ecfg.window, ecfg.stride)))
-  crops = jnp.zeros((cfg.data.batch_size, ecfg.window, ecfg.window, 3))
-  return crops, float(np.mean(windows))
+def calibrate_capacities(config: ml_collections.ConfigDict, model, params,
+                         prep: Dict[str, Any],
+                         pcfg: ml_collections.ConfigDict
+                         ) -> Tuple[Tuple[float, ...], Dict[str, Any]]:
+  """Buffer capacities from the policy's masked-mode decisions.
 
-
-def _progress(it, total, cfg):
-  return tqdm.tqdm(it, total=total, unit='it', desc='eval', file=sys.stderr,
-                   disable=not cfg.eval.progress)
-
-
-def evaluate_quality(config: ml_collections.ConfigDict,
-                     model: seg_lib.Segmenter, params: Any,
-                     prep: Dict[str, Any], num_examples: int = 0
-                     ) -> Tuple[Dict[str, Any], jax.Array, float, int]:
-  """Segmentation metrics of (model, params) on config.data's split.
-
-  Args:
-    config: reads config.data, config.eval (config.model is not read).
-    model: the Segmenter.
-    params: its parameters.
-    prep: dict with 'mean' and 'std' in 0..1 units, as the images the model
-      was trained on were normalised.
-    num_examples: evaluate the first this many images (0:
-      config.data.num_examples, where 0 means the whole split).
+  Runs the policy in masked mode on the first pcfg.calibrate.images images
+  of pcfg.calibrate.split (at the evaluation resolution; per window in
+  slide mode) and takes, per stage boundary, the pcfg.calibrate.quantile
+  of the fraction of patches still active after it.
 
   Returns:
-    (metrics, forward_batch, windows_per_image, num_images): the metric dict
-    of SegmentationMetrics.result(), one batch of forward inputs (for FLOPs
-    and timing) and the average forwards per image.
+    (capacities, calibration): the fractions, and what the row records.
   """
-  if config.eval.mode not in inference.MODES:
-    raise ValueError(f'config.eval.mode={config.eval.mode!r}; expected one of '
-                     f'{inference.MODES}.')
-  dataset = segmentation_datasets.get_dataset(config.data.name)
-  if dataset.num_classes != model.num_classes:
-    raise ValueError(
-        f'{config.data.name} has {dataset.num_classes} classes but the model '
-        f'predicts {model.num_classes}; use a model trained for this dataset.')
-  source = segmentation_datasets.open_segmentation_source(
-      config.data.name, config.data.split, config.data.data_dir or None)
-  limit = num_examples or config.data.num_examples
-  num = min(limit, len(source)) if limit else len(source)
-  # Converted checkpoints store mean/std in 0..1; the segmentation transforms
-  # normalise uint8 images in 0..255 units.
-  mean = tuple(255.0 * m for m in prep['mean'])
-  std = tuple(255.0 * s for s in prep['std'])
-  metrics = segmentation_metrics.SegmentationMetrics(
-      model.num_classes, ignore_index=dataset.ignore_index,
-      boundary_width=config.eval.boundary_width or None)
-  run = _whole if config.eval.mode == 'whole' else _slide
-  images, windows_per_image = run(model, params, source, config, mean, std,
-                                  metrics, num)
-  return metrics.result(), images, windows_per_image, num
+  masked = ml_collections.ConfigDict(pcfg.to_dict())
+  masked.mode = 'masked'
+  oracle = pruning.attach(model, masked, normalization=prep)
+  _, _, _, num, stats = seg_runner.run_split(
+      config, oracle, params, prep, split=pcfg.calibrate.split,
+      num_examples=pcfg.calibrate.images, desc='calibrate')
+  tokens = stats.tokens()
+  active = tokens[:, list(oracle.pruning.boundaries)] / tokens[:, :1]
+  q = pcfg.calibrate.quantile
+  fractions = np.quantile(active, q, axis=0, method='higher')
+  n = int(tokens[0, 0])
+  capacities = tuple(float(max(f, 1.0 / n)) for f in fractions)
+  return capacities, dict(split=pcfg.calibrate.split, images=num,
+                          forwards=len(tokens), quantile=q)
+
+
+def _policy_params(pcfg: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """What a results row records of config.pruning (JSON-friendly)."""
+  if pcfg.name == 'none':
+    return {}
+  block = pcfg.get(pcfg.name, ml_collections.ConfigDict())
+  out = dict(mode=pcfg.mode, aux_source=pcfg.aux_source,
+             layers=list(pcfg.layers), overflow=pcfg.overflow,
+             capacities=list(pcfg.capacities))
+  out.update(json.loads(block.to_json_best_effort()))
+  return out
 
 
 def evaluate_model(config: ml_collections.ConfigDict,
                    model: seg_lib.Segmenter, params: Any,
-                   prep: Dict[str, Any]) -> Dict[str, Any]:
-  """One results row: quality, FLOPs and throughput of one setting.
+                   prep: Dict[str, Any], baseline: Optional[_Baseline] = None
+                   ) -> Tuple[Dict[str, Any], List[Dict[str, np.ndarray]]]:
+  """One results row: quality, FLOPs, tokens and throughput of one setting.
 
   Args:
     config: the setting (config.pruning, config.data, config.eval).
-    model: the Segmenter.
+    model: the unpruned Segmenter; config.pruning is attached here.
     params: its parameters.
-    prep: dict with 'mean' and 'std' in 0..1 units (see evaluate_quality).
+    prep: dict with 'mean' and 'std' in 0..1 units (see seg_runner).
+    baseline: the sweep's unpruned forward (made here when None).
 
   Returns:
-    The row (DESIGN §3): name, policy, params, miou, boundary_miou,
-    pixel_accuracy, gflops_realized, gflops_effective, images_per_second,
-    tokens_per_stage, ...
+    (row, exit_maps): the row (DESIGN §3; the module docstring lists the
+    fields) and the first config.eval.exit_maps exit maps.
   """
-  if config.pruning.name not in POLICIES:
-    raise ValueError(f'config.pruning.name={config.pruning.name!r} is not '
-                     f'available for segmentation yet; known: {POLICIES}.')
-  result, images, windows_per_image, num = evaluate_quality(
-      config, model, params, prep)
+  baseline = baseline or _Baseline(model)
+  pcfg = pruning.resolve(config.pruning)
+  calibration = None
+  if pcfg.name != 'none' and pcfg.mode == 'buffer' and pcfg.calibrate.images:
+    pcfg.capacities, calibration = calibrate_capacities(
+        config, model, params, prep, pcfg)
+  pruned = pruning.attach(model, pcfg, normalization=prep)
+  spec = pruned.pruning
+  result, images, windows_per_image, num, stats = seg_runner.run_split(
+      config, pruned, params, prep, max_maps=config.eval.get('exit_maps', 0),
+      baseline=(lambda x: baseline.forward(params, x)) if spec else None)
 
-  apply = lambda p, x: model.apply({'params': p}, x)
+  apply = jax.jit(lambda p, x: pruned.apply({'params': p}, x))
   batch = images.shape[0]
-  forward_hw = images.shape[1:3]
+  forward_hw = tuple(images.shape[1:3])
   realized = flops.realized_gflops(apply, params, images, batch_size=batch)
-  effective = 2 * flops.segmenter_macs(model, forward_hw) / 1e9
-  forwards_per_second = speed.images_per_second(
-      jax.jit(apply), params, images, batch_size=batch,
-      warmup=config.eval.warmup, iters=config.eval.timing_iters,
-      rounds=config.eval.timing_rounds)
-  p = model.patch_size
-  tokens = (-(-forward_hw[0] // p)) * (-(-forward_hw[1] // p)) + model.num_prefix
-  return dict(
-      name=config.eval.name or config.pruning.name,
-      policy=config.pruning.name,
-      params={},
+  tokens = stats.tokens()                                  # [F, depth]
+  effective = 2 * float(np.mean(flops.segmenter_effective_macs(
+      model, tokens))) / 1e9
+  fns = dict(model=apply)
+  if spec is not None:
+    fns['unpruned'] = baseline.apply
+  ips = speed.compare_images_per_second(
+      fns, params, images, batch_size=batch, warmup=config.eval.warmup,
+      iters=config.eval.timing_iters, rounds=config.eval.timing_rounds)
+  n = int(tokens[0, 0])
+  p = model.num_prefix
+  starts = [0] + ([layer for layer in spec.boundaries] if spec else [])
+  mean_tokens = tokens.mean(axis=0)
+  row = dict(
+      name=config.eval.name or pcfg.name,
+      policy=pcfg.name,
+      params=_policy_params(pcfg),
       dataset=f'{config.data.name}:{config.data.split}',
       num_images=num,
       inference=dict(mode=config.eval.mode, size=list(forward_hw),
@@ -294,13 +315,40 @@ def evaluate_model(config: ml_collections.ConfigDict,
       miou=result['miou'],
       boundary_miou=result['boundary_miou'],
       pixel_accuracy=result['pixel_accuracy'],
+      per_class_iou=[float(v) for v in result['per_class_iou']],
       gflops_realized=realized * windows_per_image,
-      gflops_effective=float(effective) * windows_per_image,
-      images_per_second=forwards_per_second / windows_per_image,
+      gflops_effective=effective * windows_per_image,
+      images_per_second=ips['model'] / windows_per_image,
       batch_size=batch,
-      stage_starts=[0],
-      tokens_per_stage=[float(tokens)],
+      device=speed.device_name(),
+      stage_starts=starts,
+      tokens_per_stage=[float(mean_tokens[s] + p) for s in starts],
   )
+  if spec is None:
+    return row, []
+  unpruned_realized = baseline.realized(params, images)
+  overflow = stats.overflows()
+  decisions = pruning.decision_flops(pruned, forward_hw, batch) / 1e9
+  row.update(
+      speedup=ips['model'] / ips['unpruned'],
+      realized_flops_ratio=unpruned_realized / realized,
+      gflops_decisions=decisions * windows_per_image,
+      decision_share=decisions / realized,
+      capacity_per_stage=[n + p] + [
+          (spec.capacity(s, n) if spec.mode == 'buffer' else n) + p
+          for s in range(spec.num_stages)],
+      # Patches leaving at each boundary, and reaching the decoder.
+      exit_fraction_per_stage=[float(mean_tokens[a] - mean_tokens[b]) / n
+                               for a, b in zip(starts, starts[1:])],
+      decoder_fraction=float(mean_tokens[starts[-1]]) / n,
+      overflow_tokens=int(overflow.sum()),
+      overflow_forwards=int((overflow.sum(axis=1) > 0).sum()),
+      forwards=len(tokens))
+  if calibration:
+    row['calibration'] = calibration
+  if stats.token_accuracy():
+    row['token_accuracy'] = stats.token_accuracy()
+  return row, stats.maps
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -315,6 +363,7 @@ def config_defaults() -> ml_collections.ConfigDict:
       stride=480,         # slide: window stride
       boundary_width=0,   # boundary band in px (0: 2% of the image diagonal)
       progress=True,      # progress bar on stderr
+      exit_maps=0,        # exit maps kept per pruned setting (pictures)
       warmup=2,           # untimed calls before timing
       timing_iters=5,     # calls per timing round
       timing_rounds=3,    # rounds; the median is reported

@@ -2,7 +2,7 @@
 
 import platform
 import time
-from typing import Callable
+from typing import Callable, Dict
 
 import jax
 import numpy as np
@@ -32,3 +32,25 @@ def images_per_second(fn: Callable, *args, batch_size: int, warmup: int = 2,
     call()
   times = [seconds_per_call(call, iters) for _ in range(rounds)]
   return batch_size / float(np.median(times))
+
+
+def compare_images_per_second(fns: Dict[str, Callable], *args, batch_size: int,
+                              warmup: int = 2, iters: int = 5,
+                              rounds: int = 3) -> Dict[str, float]:
+  """Throughput of several `fn(*args)` timed in interleaved rounds.
+
+  Every round times each function for `iters` calls in turn, so slow drifts
+  of the machine (frequency, other load) hit all of them alike; the median
+  round of each is reported. Ratios of the results are the speed-ups
+  measured inside one run (DESIGN §7).
+  """
+  calls = {name: (lambda f=f: jax.block_until_ready(f(*args)))
+           for name, f in fns.items()}
+  for call in calls.values():
+    for _ in range(warmup):
+      call()
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      times[name].append(seconds_per_call(call, iters))
+  return {name: batch_size / float(np.median(t)) for name, t in times.items()}

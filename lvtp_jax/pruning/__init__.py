@@ -6,7 +6,8 @@
 The pruned model has the parameters of the unpruned one; `attach` puts a
 static PruningSpec on it (spec.py). Policies are registered by name
 (registry.py); the stage/canvas/buffer machinery is in engine.py; each
-policy lives in its own module (none.py, random_exit.py, dtop.py). A new
+policy lives in its own module (none.py, random_exit.py, dtop.py,
+lvtp.py with its parts tsallis.py, kmeans.py, lowlevel.py). A new
 policy is one module with a `registry.register(...)` call plus its import
 below.
 
@@ -20,9 +21,11 @@ import numpy as np
 
 # Policies register themselves on import.
 from lvtp_jax.pruning import dtop  # pylint: disable=unused-import
+from lvtp_jax.pruning import lvtp  # pylint: disable=unused-import
 from lvtp_jax.pruning import none  # pylint: disable=unused-import
 from lvtp_jax.pruning import random_exit  # pylint: disable=unused-import
 from lvtp_jax.measure import flops
+from lvtp_jax.pruning.engine import decision_flops
 from lvtp_jax.pruning.registry import get
 from lvtp_jax.pruning.registry import names
 from lvtp_jax.pruning.registry import Policy
@@ -30,6 +33,7 @@ from lvtp_jax.pruning.registry import register
 from lvtp_jax.pruning.registry import SIGNALS
 from lvtp_jax.pruning.registry import StageContext
 from lvtp_jax.pruning.spec import attach
+from lvtp_jax.pruning.spec import AUX_SOURCES
 from lvtp_jax.pruning.spec import build_spec
 from lvtp_jax.pruning.spec import config_defaults
 from lvtp_jax.pruning.spec import MODES

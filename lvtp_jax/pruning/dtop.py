@@ -31,6 +31,34 @@ class DToPParams:
   top_k: int
 
 
+def top_per_class(score: jax.Array, members: jax.Array, classes: jax.Array,
+                  num_classes: int, k: int) -> jax.Array:
+  """The k highest-scoring members of every class (fewer if it has fewer).
+
+  Args:
+    score: [B, Kp] float32 (higher = kept first).
+    members: [B, Kp] bool, the slots that compete.
+    classes: [B, Kp] int, each slot's class.
+    num_classes: C.
+    k: per class.
+
+  Returns:
+    [B, Kp] bool, a subset of `members`. Equal scores: the lower slot first
+    (`lax.top_k` order).
+  """
+  b, kp = members.shape
+  k = min(k, kp)
+  if k == 0:
+    return jnp.zeros_like(members)
+  in_class = classes[:, None, :] == jnp.arange(num_classes)[None, :, None]
+  masked = jnp.where(members[:, None, :] & in_class, score[:, None, :],
+                     -jnp.inf)
+  vals, ids = jax.lax.top_k(masked, k)                   # [B, C, k]
+  hits = (vals > -jnp.inf).astype(jnp.int32)
+  return jnp.zeros((b, kp), jnp.int32).at[
+      jnp.arange(b)[:, None, None], ids].add(hits) > 0
+
+
 def exit_decisions(logits: jax.Array, valid: jax.Array, threshold: float,
                    top_k: int) -> jax.Array:
   """DToP steps 3-5 on one boundary.
@@ -48,16 +76,7 @@ def exit_decisions(logits: jax.Array, valid: jax.Array, threshold: float,
   conf = probs.max(axis=-1)
   yhat = jnp.argmax(probs, axis=-1)
   cand = valid & (conf > jnp.float32(threshold))
-  b, kp, c = logits.shape
-  k = min(top_k, kp)
-  if k == 0:
-    return cand
-  in_class = yhat[:, None, :] == jnp.arange(c)[None, :, None]
-  score = jnp.where(cand[:, None, :] & in_class, conf[:, None, :], -jnp.inf)
-  vals, ids = jax.lax.top_k(score, k)                    # [B, C, k]
-  hits = (vals > -jnp.inf).astype(jnp.int32)
-  keep = jnp.zeros((b, kp), jnp.int32).at[
-      jnp.arange(b)[:, None, None], ids].add(hits) > 0
+  keep = top_per_class(conf, cand, yhat, logits.shape[-1], top_k)
   return cand & ~keep
 
 

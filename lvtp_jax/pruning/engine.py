@@ -1,9 +1,13 @@
 """The pruned Segmenter forward: stages, exit canvas, buffers, reassembly.
 
-Stage boundaries are the model's auxiliary layers (block k, 1-based, sorted);
-stage s is the s-th of them (0-based). At each boundary:
-  1. the auxiliary head gives per-token logits on the current buffer (its
-     attention, for a mask-transformer head, is restricted to valid slots);
+Stage boundaries are PruningSpec.boundaries (blocks k, 1-based, sorted): the
+model's auxiliary layers, or config.pruning.layers with
+aux_source='final_head_on_intermediate'; stage s is the s-th of them
+(0-based). At each boundary:
+  1. the boundary's head gives per-token logits on the current buffer: the
+     auxiliary head of block k, or the final decoder after the encoder's
+     final LayerNorm (a mask-transformer head restricts its attention to
+     the valid slots);
   2. the exit canvas [B, N, C] takes that prediction for every patch still
      active; exited patches keep the one they left with;
   3. the policy (registry) decides which active patch slots exit; exited
@@ -34,6 +38,11 @@ the canvas holds (DToP spec §3 step 6, §7.2, adapted to softmax heads):
             decoder's log-softmax. Each patch's distribution is then exactly
             the one it had when it left. token_logits are log-probabilities,
             which softmax, argmax and cross-entropy treat as logits.
+  'interpolate'  exited patches take the decoder logits of the nearest
+            patch (Euclidean distance on the patch grid; ties: the lower
+            patch index) that reached the decoder: pruned tokens are
+            dropped and filled from their kept neighbours (LVTP spec §2,
+            `pruned_fill`). When no patch of an image stayed, the canvas.
 The token map is upsampled by the Segmenter exactly as the unpruned one.
 
 aux['aux_logits'][k] of a pruned model is the canvas right after head k
@@ -55,6 +64,7 @@ from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lvtp_jax.pruning import registry
 from lvtp_jax.tokens import state as ts
@@ -109,7 +119,8 @@ def canvas_entry(logits: jax.Array, reassemble: str) -> jax.Array:
 def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
                   canvas: jax.Array, exit_stage: jax.Array, *, spec: Any,
                   stage: int, layer: int, num_prefix: int,
-                  signals: Dict[str, jax.Array], prepared: Any = None
+                  grid: Tuple[int, int], signals: Dict[str, jax.Array],
+                  prepared: Any = None
                   ) -> Tuple[ts.TokenState, jax.Array, jax.Array, jax.Array,
                              jax.Array]:
   """Steps 2-4 of the module docstring at one stage boundary.
@@ -123,6 +134,7 @@ def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
     stage: 0-based boundary index.
     layer: the block (1-based) the boundary follows.
     num_prefix: prefix slots at the front of the buffer.
+    grid: (h, w) patch grid of the input.
     signals: attention signals of the block ending here (policy's request).
     prepared: the policy's per-image precomputation, or None.
 
@@ -147,7 +159,8 @@ def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
   if layer in spec.exit_layers:
     policy = registry.get(spec.name)
     ctx = registry.StageContext(
-        stage=stage, layer=layer, valid=patch_valid, src=psrc,
+        stage=stage, layer=layer, grid=tuple(grid), valid=patch_valid,
+        src=psrc,
         signals=dict(jax.lax.stop_gradient(signals),
                      aux_logits=decision_logits),
         prepared=prepared)
@@ -175,8 +188,22 @@ def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
           forced.sum(axis=1).astype(jnp.int32))
 
 
+def nearest_stayed(stayed: jax.Array, grid: Tuple[int, int]) -> jax.Array:
+  """[B, N] bool -> [B, N] int32: the nearest patch with stayed=True.
+
+  Euclidean distance on the (h, w) grid, ties to the lower patch index; a
+  patch that stayed is its own nearest. Rows with no stayed patch give 0.
+  """
+  h, w = grid
+  yx = np.stack(np.divmod(np.arange(h * w), w), axis=1).astype(np.float32)
+  d2 = ((yx[:, None, :] - yx[None, :, :]) ** 2).sum(-1)        # [N, N]
+  d2 = jnp.where(stayed[:, None, :], jnp.asarray(d2)[None], jnp.inf)
+  return jnp.argmin(d2, axis=-1).astype(jnp.int32)
+
+
 def reassemble(decoder_logits: jax.Array, src: jax.Array, canvas: jax.Array,
-               num_prefix: int, how: str) -> jax.Array:
+               num_prefix: int, how: str,
+               grid: Tuple[int, int]) -> jax.Array:
   """Dense [B, N, C] token logits from the final buffer and the canvas.
 
   Args:
@@ -184,11 +211,29 @@ def reassemble(decoder_logits: jax.Array, src: jax.Array, canvas: jax.Array,
     src: [B, N] slot of every patch (-1: exited).
     canvas: [B, N, C] float32 exit canvas.
     num_prefix: prefix slots at the front of the buffer.
-    how: 'logits' or 'frozen' (module docstring).
+    how: 'logits', 'frozen' or 'interpolate' (module docstring).
+    grid: (h, w) patch grid, h * w = N.
   """
   stayed = src >= 0
   dec = ts.patch_values(decoder_logits, patch_slots(src, num_prefix))
+  if how == 'interpolate':
+    near = nearest_stayed(stayed, grid)
+    filled = jnp.take_along_axis(dec, near[..., None], axis=1)
+    any_stayed = stayed.any(axis=1)[:, None, None]
+    fill = jnp.where(any_stayed, filled.astype(jnp.float32), canvas)
+    return jnp.where(stayed[..., None], dec.astype(jnp.float32), fill)
   return jnp.where(stayed[..., None], canvas_entry(dec, how), canvas)
+
+
+def boundary_logits(model: Any, spec: Any, layer: int, state: ts.TokenState,
+                    masked: bool, train: bool) -> jax.Array:
+  """[B, Kp, C] per-token logits of the head at boundary `layer`."""
+  p = model.num_prefix
+  valid = state.valid[:, p:] if masked else None
+  if spec.aux_source == 'aux_heads':
+    return model.aux_heads[layer](state.x[:, p:], train, valid=valid)
+  tokens = model.encoder.norm(state.x)[:, p:]
+  return model.decode_head(tokens, train, valid=valid)
 
 
 def forward(model: Any, images: jax.Array, train: bool
@@ -207,9 +252,9 @@ def forward(model: Any, images: jax.Array, train: bool
   """
   spec = model.pruning
   aux_layers = tuple(sorted(set(model.aux_layers)))
-  if spec.aux_layers != aux_layers:
+  if spec.aux_source == 'aux_heads' and spec.boundaries != aux_layers:
     raise ValueError(
-        f'the pruning spec was built for aux_layers {spec.aux_layers} but the '
+        f'the pruning spec was built for aux_layers {spec.boundaries} but the '
         f'model has {aux_layers}; rebuild it with '
         'lvtp_jax.pruning.attach(model, config.pruning).')
   policy = registry.get(spec.name)
@@ -218,10 +263,12 @@ def forward(model: Any, images: jax.Array, train: bool
   b, n = state.src.shape
   prepared = None
   if 'image' in policy.signals:
-    prepared = jax.lax.stop_gradient(policy.prepare(images, spec.params))
+    prepared = jax.lax.stop_gradient(
+        policy.prepare(images, spec.params, normalization=spec.normalization,
+                       patch_size=model.patch_size))
   canvas = jnp.zeros((b, n, model.num_classes), jnp.float32)
   exit_stage = jnp.full((b, n), spec.num_stages, jnp.int32)
-  stage_of = {layer: s for s, layer in enumerate(aux_layers)}
+  stage_of = {layer: s for s, layer in enumerate(spec.boundaries)}
   aux_logits, overflow, tokens, slots = {}, [], [], []
   masked = False  # every slot is valid until the first boundary
   for i in range(model.depth):
@@ -235,19 +282,82 @@ def forward(model: Any, images: jax.Array, train: bool
                                              want=want, train=train)
     if layer not in stage_of:
       continue
-    head_logits = model.aux_heads[layer](
-        state.x[:, p:], train, valid=state.valid[:, p:] if masked else None)
+    head_logits = boundary_logits(model, spec, layer, state, masked, train)
     state, canvas, exit_stage, aux_logits[layer], forced = exit_boundary(
         state, head_logits, canvas, exit_stage, spec=spec,
-        stage=stage_of[layer], layer=layer, num_prefix=p, signals=signals,
-        prepared=prepared)
+        stage=stage_of[layer], layer=layer, num_prefix=p, grid=grid,
+        signals=signals, prepared=prepared)
     overflow.append(forced)
     masked = True
   x = model.encoder.norm(state.x)[:, p:]
   decoder_logits = model.decode_head(x, train, valid=state.valid[:, p:])
   token_logits = reassemble(decoder_logits, state.src, canvas, p,
-                            spec.reassemble)
+                            spec.reassemble, grid)
   aux = dict(aux_logits=aux_logits, valid_tokens=jnp.stack(slots, axis=1),
              tokens_per_block=jnp.stack(tokens, axis=1),
              exit_stage=exit_stage, overflow=jnp.stack(overflow, axis=1))
   return token_logits, grid, aux
+
+
+def decision_flops(model: Any, image_hw: Tuple[int, int],
+                   batch_size: int = 1) -> float:
+  """XLA-counted FLOPs per image of the policy's own work in one forward.
+
+  That is `prepare` (once) plus `decide` at every exit boundary, on the
+  buffer sizes the forward has there (N patch slots in masked mode, the
+  previous stage's capacity in buffer mode): the scoring and clustering,
+  without the engine's bookkeeping (canvas writes, gathers) and without the
+  heads, which the analytic count already has. Lowered on abstract inputs,
+  so nothing runs.
+
+  Args:
+    model: a Segmenter with a pruning spec attached.
+    image_hw: (H, W) of one forward's input.
+    batch_size: the batch the count is divided by.
+  """
+  spec = model.pruning
+  policy = registry.get(spec.name)
+  p = model.patch_size
+  grid = (-(-image_hw[0] // p), -(-image_hw[1] // p))
+  n = grid[0] * grid[1]
+  b = batch_size
+  heads = model.num_heads
+  hd = model.width // heads
+  slots = []
+  kp = n
+  for s in range(spec.num_stages):
+    slots.append(kp)
+    if spec.mode == 'buffer':
+      kp = spec.capacity(s, n)
+  shape = jax.ShapeDtypeStruct
+  padded = (b, grid[0] * p, grid[1] * p, 3)
+
+  def stage_inputs(kp):
+    k = kp + model.num_prefix
+    signals = dict(aux_logits=shape((b, kp, model.num_classes), jnp.float32),
+                   cls_attn=shape((b, heads, k), jnp.float32),
+                   attn=shape((b, heads, k, k), jnp.float32),
+                   keys=shape((b, heads, k, hd), jnp.float32))
+    wanted = (policy.signals & registry.ATTENTION_SIGNALS) | {'aux_logits'}
+    return (shape((b, kp), jnp.bool_), shape((b, n), jnp.int32),
+            {name: signals[name] for name in wanted})
+
+  def work(images, stages):
+    prepared = None
+    if 'image' in policy.signals:
+      prepared = policy.prepare(images, spec.params,
+                                normalization=spec.normalization,
+                                patch_size=p)
+    out = []
+    for s, layer in enumerate(spec.boundaries):
+      if layer in spec.exit_layers:
+        valid, src, signals = stages[s]
+        ctx = registry.StageContext(stage=s, layer=layer, grid=grid,
+                                    valid=valid, src=src, signals=signals,
+                                    prepared=prepared)
+        out.append(policy.decide(ctx, spec.params))
+    return out
+
+  stages = [stage_inputs(kp) for kp in slots]
+  cost = jax.jit(work).lower(shape(padded, jnp.float32), stages).cost_analysis()
+  return float(cost.get('flops', 0.0)) / b

@@ -104,8 +104,8 @@ class RandomExit(registry.Policy):
           'every entry is a fraction of the active patches in [0, 1].')
     return RandomParams(exit_fraction=fractions, seed=int(cfg.seed))
 
-  def prepare(self, images, params):
-    del params
+  def prepare(self, images, params, *, normalization, patch_size):
+    del params, normalization, patch_size
     return image_hash(images)
 
   def decide(self, ctx, params):

@@ -17,22 +17,25 @@ Signals a policy can declare (SIGNALS):
                 at the boundary (all K slots, prefix included).
   'attn'        [B, H, K, K] full attention map of that block.
   'keys'        [B, H, K, hd] attention keys of that block.
-  'image'       `Policy.prepare(images, params)` is computed once per image
-                from the (padded, normalised) input images [B, H, W, 3] and
-                handed to every decision as `StageContext.prepared`: the
-                place for per-patch low-level image features, or a per-image
-                random key.
+  'image'       `Policy.prepare(images, params, ...)` is computed
+                once per image (per window in sliding-window inference) from
+                the padded, normalised input images [B, H, W, 3] and handed
+                to every decision as `StageContext.prepared`: the place for
+                per-patch low-level image features, or a per-image random
+                key. `normalization` is PruningSpec.normalization, the
+                (mean, std) to undo the normalisation with.
 Every signal is under `lax.stop_gradient`: decisions never carry gradients.
 
-Exit policies (the ones implemented so far: random, dtop) act at the stage
-boundaries, the blocks after which the model has an auxiliary head; `decide`
+Exit policies (random, dtop, lvtp) act at the stage boundaries, the blocks
+after which the model has an auxiliary head (or, with
+aux_source='final_head_on_intermediate', config.pruning.layers); `decide`
 returns which active patch slots exit with their exit-canvas prediction, and
 lvtp_jax/pruning/engine.py applies that to the TokenState (DESIGN §1's
 `(state, signals, config) -> state`, split so that the buffer bookkeeping,
 the canvas and the overflow rule are shared by every exit policy).
 """
 
-from typing import Any, Dict, FrozenSet, Hashable, List
+from typing import Any, Dict, FrozenSet, Hashable, List, Optional, Tuple
 
 import flax
 import jax
@@ -49,8 +52,9 @@ class StageContext:
   """What a policy sees at one stage boundary (a pytree; stage, layer static).
 
   Attributes:
-    stage: 0-based index of the boundary over the model's auxiliary layers.
+    stage: 0-based index of the boundary (PruningSpec.boundaries).
     layer: the (1-based) block after which the boundary sits.
+    grid: (h, w) patch grid of the input; patch n is at (n // w, n % w).
     valid: [B, Kp] bool, the patch slots still active (Kp = patch slots of
       the current buffer: N in masked mode, the stage capacity in buffer mode).
     src: [B, N] int32, for every original patch its index among the Kp patch
@@ -60,6 +64,7 @@ class StageContext:
   """
   stage: int = flax.struct.field(pytree_node=False)
   layer: int = flax.struct.field(pytree_node=False)
+  grid: Tuple[int, int] = flax.struct.field(pytree_node=False)
   valid: jax.Array
   src: jax.Array
   signals: Dict[str, jax.Array]
@@ -92,6 +97,8 @@ class Policy:
   signals: FrozenSet[str] = frozenset()
   # Exit policies need the auxiliary heads: their boundaries are the aux layers.
   needs_aux_heads: bool = True
+  # Reads pixel values in `prepare` (needs PruningSpec.normalization).
+  needs_normalization: bool = False
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     """The policy's own block, config.pruning.<name> (may be empty)."""
@@ -110,9 +117,15 @@ class Policy:
     """How exited patches are reassembled (see engine.REASSEMBLE)."""
     return cfg.get('reassemble', 'logits')
 
-  def prepare(self, images: jax.Array, params: Hashable) -> Any:
-    """Per-image precomputation from the input images (signal 'image')."""
-    del images, params
+  def prepare(self, images: jax.Array, params: Hashable, *,
+              normalization: Optional[Tuple[Tuple[float, ...], ...]],
+              patch_size: int) -> Any:
+    """Per-image precomputation from the input images (signal 'image').
+
+    images: [B, H, W, 3] as the encoder sees them (normalised, padded to a
+    multiple of patch_size); normalization: PruningSpec.normalization.
+    """
+    del images, params, normalization, patch_size
     return None
 
   def decide(self, ctx: StageContext, params: Hashable) -> jax.Array:

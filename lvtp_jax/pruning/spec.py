@@ -12,15 +12,33 @@ config.pruning fields (defaults in `config_defaults`):
               oracle). 'buffer': after stage boundary s the patch slots are
               gathered into a buffer of static capacity capacities[s]
               (real savings).
-  layers      the auxiliary layers (1-based blocks) at which the policy
-              decides; () = all of config.model.aux_layers. Every auxiliary
-              layer is a stage boundary either way: its head writes the exit
-              canvas and, in buffer mode, the buffer is resized there.
+  aux_source  where the per-token class logits at a stage boundary come
+              from: 'aux_heads' (default): the model's auxiliary heads, and
+              the stage boundaries are config.model.aux_layers;
+              'final_head_on_intermediate': the final decoder (after the
+              encoder's final LayerNorm) applied to the intermediate tokens,
+              the only zero-training choice for a Segmenter without
+              auxiliary heads (e.g. the official checkpoints); the
+              boundaries are then config.pruning.layers, which must be set
+              (LVTP spec §2; expect poor calibration at early layers).
+  layers      aux_heads: the auxiliary layers (1-based blocks) at which the
+              policy decides; () = all of config.model.aux_layers. Every
+              auxiliary layer is a stage boundary either way: its head
+              writes the exit canvas and, in buffer mode, the buffer is
+              resized there. final_head_on_intermediate: the boundaries.
   capacities  buffer mode: patch slots after each stage boundary, as
               fractions of the N patches of the input (rounded up; the
-              prefix slots come on top). One value per auxiliary layer, one
+              prefix slots come on top). One value per boundary, one
               value for all of them, or () = 1.0 (no shrinking).
-              Non-increasing. Ignored in masked mode.
+              Non-increasing. Ignored in masked mode. Evaluation can
+              measure them instead (config.pruning.calibrate).
+  calibrate   buffer-mode capacities measured rather than given (used by
+              lvtp_jax.evaluation.segmentation): images > 0 runs the policy
+              in masked mode on that many images of `split` (at the
+              evaluation resolution, per window in slide mode) and sets each
+              capacity to the `quantile` of the fraction of patches still
+              active after that boundary. quantile 1.0 = the largest seen;
+              lower values trade overflow for speed.
   overflow    buffer mode, when more patches stay active than the next
               capacity holds: 'exit_confident' (default) force-exits the
               surplus patches the auxiliary head is most confident about
@@ -42,7 +60,8 @@ from lvtp_jax.pruning import registry
 
 MODES = ('masked', 'buffer')
 OVERFLOW_RULES = ('exit_confident', 'exit_last')
-REASSEMBLE = ('logits', 'frozen')
+REASSEMBLE = ('logits', 'frozen', 'interpolate')
+AUX_SOURCES = ('aux_heads', 'final_head_on_intermediate')
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -51,8 +70,11 @@ def config_defaults() -> ml_collections.ConfigDict:
   cfg.name = 'none'
   cfg.mode = 'masked'
   cfg.layers = ()
+  cfg.aux_source = 'aux_heads'
   cfg.capacities = ()
   cfg.overflow = 'exit_confident'
+  cfg.calibrate = ml_collections.ConfigDict(dict(
+      images=0, quantile=1.0, split='train'))
   for name in registry.names():
     block = registry.get(name).config_defaults()
     if block:
@@ -67,25 +89,32 @@ class PruningSpec:
   Attributes:
     name: registered policy name.
     mode: 'masked' or 'buffer'.
-    aux_layers: the stage boundaries, sorted (the model's auxiliary layers).
+    aux_source: 'aux_heads' or 'final_head_on_intermediate' (AUX_SOURCES).
+    boundaries: the stage boundaries, sorted (1-based blocks).
     exit_layers: the boundaries at which the policy decides.
     capacities: per stage, the fraction of N patch slots kept after it.
     overflow: the overflow rule (OVERFLOW_RULES).
-    reassemble: 'logits' or 'frozen' (see lvtp_jax/pruning/engine.py).
+    reassemble: 'logits', 'frozen' or 'interpolate' (lvtp_jax/pruning/
+      engine.py).
     params: the policy's validated, hashable parameters.
+    normalization: (mean, std) per RGB channel in 0..1 units that the input
+      images were normalised with, for policies that read pixels
+      (Policy.needs_normalization); None otherwise.
   """
   name: str
   mode: str
-  aux_layers: Tuple[int, ...]
+  aux_source: str
+  boundaries: Tuple[int, ...]
   exit_layers: Tuple[int, ...]
   capacities: Tuple[float, ...]
   overflow: str
   reassemble: str
   params: Hashable = None
+  normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
 
   @property
   def num_stages(self) -> int:
-    return len(self.aux_layers)
+    return len(self.boundaries)
 
   def capacity(self, stage: int, num_patches: int) -> int:
     """Patch slots of the buffer after boundary `stage` (buffer mode)."""
@@ -129,18 +158,36 @@ def per_stage(values: Tuple[Any, ...], num_stages: int, field: str,
     return values * num_stages
   if len(values) != num_stages:
     raise ValueError(
-        f'{field} has {len(values)} entries; give one per auxiliary layer '
+        f'{field} has {len(values)} entries; give one per stage boundary '
         f'({num_stages}), a single value for all of them, or ().')
   return values
 
 
-def build_spec(cfg: Optional[Any], model: Any) -> Optional[PruningSpec]:
+def _normalization(value: Any) -> Optional[Tuple[Tuple[float, ...], ...]]:
+  """dict(mean, std) or (mean, std) in 0..1 units -> hashable, or None."""
+  if value is None:
+    return None
+  if isinstance(value, dict):
+    value = (value['mean'], value['std'])
+  mean, std = (tuple(float(v) for v in part) for part in value)
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ValueError(f'normalization={value!r}: expected RGB mean and std '
+                     '(3 values each, std > 0) in 0..1 units, e.g. the '
+                     "converted checkpoint's data config.")
+  return mean, std
+
+
+def build_spec(cfg: Optional[Any], model: Any,
+               normalization: Any = None) -> Optional[PruningSpec]:
   """Validates config.pruning against `model`; None for 'none'.
 
   Args:
     cfg: config.pruning (partial blocks are completed with the defaults), or
       None for no pruning.
-    model: the Segmenter the spec is for (reads aux_layers).
+    model: the Segmenter the spec is for (reads aux_layers, depth).
+    normalization: dict(mean, std) in 0..1 units the images are normalised
+      with (the `prep` of a converted checkpoint or a training run); needed
+      by policies that read pixels (LVTP's edge features).
 
   Returns:
     The PruningSpec, or None when the policy is 'none'.
@@ -155,27 +202,47 @@ def build_spec(cfg: Optional[Any], model: Any) -> Optional[PruningSpec]:
   if cfg.overflow not in OVERFLOW_RULES:
     raise ValueError(f'config.pruning.overflow={cfg.overflow!r} is not one of '
                      f'{OVERFLOW_RULES}.')
+  if cfg.aux_source not in AUX_SOURCES:
+    raise ValueError(f'config.pruning.aux_source={cfg.aux_source!r} is not '
+                     f'one of {AUX_SOURCES}.')
+  if not 0.0 < cfg.calibrate.quantile <= 1.0 or cfg.calibrate.images < 0:
+    raise ValueError(
+        f'config.pruning.calibrate: images={cfg.calibrate.images} must be >= '
+        f'0 and quantile={cfg.calibrate.quantile} in (0, 1].')
   if cfg.name == 'none':
     return None
   if not hasattr(model, 'aux_layers'):
     raise ValueError(
-        f'config.pruning.name={cfg.name!r} needs a Segmenter with auxiliary '
-        f'heads; got a {type(model).__name__}.')
+        f'config.pruning.name={cfg.name!r} needs a Segmenter; got a '
+        f'{type(model).__name__}.')
   aux_layers = tuple(sorted(set(model.aux_layers)))
-  if policy.needs_aux_heads and not aux_layers:
-    raise ValueError(
-        f'config.pruning.name={cfg.name!r} exits tokens at the auxiliary '
-        'heads, but the model has no aux_layers; set config.model.aux_layers '
-        '(e.g. (2, 4)) and train the heads first (phase 1), or use '
-        "config.pruning.name='none'.")
-  layers = tuple(cfg.layers) or aux_layers
-  bad = sorted(set(layers) - set(aux_layers))
-  if bad:
-    raise ValueError(
-        f'config.pruning.layers={tuple(cfg.layers)} has {bad}, which are not '
-        f'auxiliary layers of the model {aux_layers}; decisions need an '
-        'auxiliary head there (leave layers=() for all of them).')
-  num_stages = len(aux_layers)
+  layers = tuple(sorted(set(cfg.layers)))
+  if cfg.aux_source == 'aux_heads':
+    if policy.needs_aux_heads and not aux_layers:
+      raise ValueError(
+          f'config.pruning.name={cfg.name!r} exits tokens at the auxiliary '
+          'heads, but the model has no aux_layers; set config.model.'
+          'aux_layers (e.g. (2, 4)) and train the heads first (phase 1), use '
+          "config.pruning.aux_source='final_head_on_intermediate' with "
+          "config.pruning.layers, or config.pruning.name='none'.")
+    boundaries = aux_layers
+    exit_layers = layers or aux_layers
+    bad = sorted(set(exit_layers) - set(aux_layers))
+    if bad:
+      raise ValueError(
+          f'config.pruning.layers={tuple(cfg.layers)} has {bad}, which are '
+          f'not auxiliary layers of the model {aux_layers}; decisions need an '
+          'auxiliary head there (leave layers=() for all of them).')
+  else:
+    bad = [k for k in layers if not 1 <= k < model.depth]
+    if not layers or bad:
+      raise ValueError(
+          "config.pruning.aux_source='final_head_on_intermediate' needs "
+          f'config.pruning.layers: the blocks (1 <= k < depth={model.depth}) '
+          f'after which the final decoder scores the tokens; got '
+          f'{tuple(cfg.layers)}.')
+    boundaries = exit_layers = layers
+  num_stages = len(boundaries)
   capacities = tuple(float(c) for c in per_stage(
       cfg.capacities, num_stages, 'config.pruning.capacities', 1.0))
   if any(not 0.0 < c <= 1.0 for c in capacities):
@@ -191,24 +258,34 @@ def build_spec(cfg: Optional[Any], model: Any) -> Optional[PruningSpec]:
   if reassemble not in REASSEMBLE:
     raise ValueError(f'config.pruning.{cfg.name}.reassemble={reassemble!r} is '
                      f'not one of {REASSEMBLE}.')
+  normalization = _normalization(normalization)
+  if policy.needs_normalization and normalization is None:
+    raise ValueError(
+        f'config.pruning.name={cfg.name!r} reads pixel values and needs the '
+        'image normalisation: pass normalization=dict(mean=..., std=...) '
+        '(0..1 units; the prep/data config of the checkpoint) to '
+        'lvtp_jax.pruning.attach.')
   return PruningSpec(
-      name=cfg.name, mode=cfg.mode, aux_layers=aux_layers,
-      exit_layers=tuple(sorted(set(layers))), capacities=capacities,
+      name=cfg.name, mode=cfg.mode, aux_source=cfg.aux_source,
+      boundaries=boundaries, exit_layers=exit_layers, capacities=capacities,
       overflow=cfg.overflow, reassemble=reassemble,
-      params=policy.make_params(block, num_stages))
+      params=policy.make_params(block, num_stages),
+      normalization=normalization if policy.needs_normalization else None)
 
 
-def attach(model: Any, cfg: Optional[Any]) -> Any:
+def attach(model: Any, cfg: Optional[Any], normalization: Any = None) -> Any:
   """`model` running the policy of config.pruning (same parameters).
 
   Args:
     model: a Segmenter (a ViT classifier accepts only 'none' for now).
     cfg: config.pruning, or None.
+    normalization: dict(mean, std) in 0..1 units of the input images, for
+      policies that read pixels (see build_spec).
 
   Returns:
     model.clone(pruning=spec); the unpruned model for 'none'.
   """
-  spec = build_spec(cfg, model)
+  spec = build_spec(cfg, model, normalization)
   if spec is None and not hasattr(model, 'pruning'):
     return model
   return model.clone(pruning=spec)

@@ -37,9 +37,12 @@ import optax
 import tqdm
 
 from lvtp_jax import pretrained
+from lvtp_jax import pruning
 from lvtp_jax.data import segmentation as seg_data
 from lvtp_jax.data import segmentation_datasets
+from lvtp_jax.evaluation import plots
 from lvtp_jax.evaluation import results
+from lvtp_jax.evaluation import seg_runner
 from lvtp_jax.evaluation import segmentation as seg_eval
 from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.train import checkpoint
@@ -71,6 +74,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f'model.drop_path_rate={m.drop_path_rate} not in [0, 1).')
   if d.crop_size <= 0:
     raise ValueError(f'data.crop_size={d.crop_size} must be > 0.')
+  pcfg = pruning.resolve(config.get('pruning'))
+  if pcfg.name != 'none' and pcfg.aux_source != 'aux_heads':
+    raise ValueError(
+        f"config.pruning.aux_source={pcfg.aux_source!r} is an inference-time "
+        "proxy for models without auxiliary heads; train with 'aux_heads' "
+        '(phase 2 fine-tunes the auxiliary heads the policy exits at).')
+  if pcfg.name != 'none' and pcfg.mode == 'buffer' and pcfg.calibrate.images:
+    raise ValueError(
+        'config.pruning.calibrate is an evaluation procedure; a training run '
+        'in buffer mode needs config.pruning.capacities (or use masked mode).')
 
 
 def _prepare_synthetic(config: ml_collections.ConfigDict) -> None:
@@ -183,7 +196,7 @@ def _periodic_eval(config, model, params, prep, step: int, path: str
   """Quality on the first train.eval_examples validation images -> jsonl."""
   quick = ml_collections.ConfigDict(config.to_dict())
   quick.eval.progress = False
-  result, _, _, num = seg_eval.evaluate_quality(
+  result, _, _, num, _ = seg_runner.run_split(
       quick, model, params, prep, num_examples=config.train.eval_examples)
   row = dict(step=step, eval_images=num, eval_miou=result['miou'],
              eval_boundary_miou=result['boundary_miou'],
@@ -217,6 +230,9 @@ def train(config: ml_collections.ConfigDict, workdir: str
   _prepare_synthetic(config)
   model, params, prep, initialised = model_init.build(config.model,
                                                       config.seed)
+  # Phase 2 of DToP: the policy runs live in the training forward.
+  train_model = pruning.attach(model, config.get('pruning'),
+                               normalization=prep)
   if initialised:
     logging.warning('initialised (not in %s): %s', config.model.init_from,
                     initialised)
@@ -244,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  train_step = make_train_step(model, tx, schedule, config, mesh)
+  train_step = make_train_step(train_model, tx, schedule, config, mesh)
   batch_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec('data'))
   source = segmentation_datasets.open_segmentation_source(
@@ -302,11 +318,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The content written to workdir/results.json.
   """
   model, params, prep = train(config, workdir)
-  rows = seg_eval.evaluate_sweep(
+  rows, visuals = seg_eval.evaluate_sweep(
       config, model, params, prep,
       weights=f'{workdir}/checkpoints/{config.train.num_steps}')
   for row in rows:
     row['train_steps'] = config.train.num_steps
   if jax.process_index() == 0:
-    return results.write(workdir, rows)
+    out = results.write(workdir, rows)
+    plots.write_figures(workdir, out['rows'], visuals)
+    return out
   return dict(rows=rows)

@@ -16,9 +16,9 @@ checkpoint lacks (the auxiliary heads) keep their fresh initialisation and
 are reported, so nothing is initialised silently.
 
 Pruning (config.pruning, lvtp_jax.pruning) adds no parameters: the model is
-initialised unpruned and the policy is attached afterwards, so phase 2 (the
-pruning fine-tune) starts from the weights of phase 1 and trains with the
-decisions live.
+built unpruned here and the training loop attaches the policy, so phase 2
+(the pruning fine-tune) starts from the weights of phase 1 and trains with
+the decisions live.
 """
 
 import os
@@ -32,7 +32,6 @@ import numpy as np
 
 from lvtp_jax import models
 from lvtp_jax import pretrained
-from lvtp_jax import pruning as pruning_lib
 from lvtp_jax.convert import segmenter as seg_convert
 from lvtp_jax.models import posemb as posemb_lib
 from lvtp_jax.models import segmenter as seg_lib
@@ -118,19 +117,16 @@ def _segmenter_from_backbone(vit: vit_lib.ViT, vit_params: Any,
   return model, {'encoder': encoder}
 
 
-def build(cfg: ml_collections.ConfigDict, seed: int,
-          pruning: Optional[ml_collections.ConfigDict] = None
+def build(cfg: ml_collections.ConfigDict, seed: int
           ) -> Tuple[seg_lib.Segmenter, Any, Dict[str, Any], List[str]]:
   """(model, params, prep, initialised) for training.
 
   Args:
     cfg: config.model.
     seed: initialisation seed.
-    pruning: config.pruning to attach (None or name 'none': unpruned).
 
   Returns:
-    model: the Segmenter (with cfg's aux heads and drop-path rate, and the
-      pruning policy attached).
+    model: the Segmenter (with cfg's aux heads and drop-path rate).
     params: initial parameters (host/default-device arrays).
     prep: dict(mean, std) in 0..1 units the images must be normalised with.
     initialised: parameter paths that are freshly initialised although a
@@ -165,8 +161,6 @@ def build(cfg: ml_collections.ConfigDict, seed: int,
     prep = dict(seg_convert.NORMALIZATION[cfg.normalization])
   x = jnp.zeros((1, model.img_size, model.img_size, 3))
   fresh = jax.jit(model.init)(jax.random.PRNGKey(seed), x)['params']
-  if pruning is not None:
-    model = pruning_lib.attach(model, pruning)
   if loaded is None:
     return model, fresh, prep, []
   params, initialised = merge_params(loaded, fresh)

@@ -1,0 +1,126 @@
+"""Pictures of an evaluation sweep: Pareto plots and exit maps.
+
+  pareto_miou.png           mIoU vs effective GFLOPs, one colour per policy
+  pareto_boundary_miou.png  boundary mIoU vs effective GFLOPs
+  exit_maps.png             for the first images: the image, its label, and
+                            per pruned setting the stage each patch left at
+Written by eval.py (and train.py's final evaluation) next to results.json.
+"""
+
+import os
+from typing import Any, Dict, List
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+_STAGE_COLOURS = ('#d62728', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b')
+
+
+def pareto(rows: List[Dict[str, Any]], path: str, metric: str = 'miou',
+           title: str = '') -> str:
+  """One point per row: x = gflops_effective, y = rows[metric].
+
+  Points of a policy are joined in order of cost; the unpruned model is a
+  black star with a dashed line at its quality.
+  """
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+  policies = sorted({r['policy'] for r in rows if r['policy'] != 'none'})
+  cmap = plt.get_cmap('tab10')
+  for i, policy in enumerate(policies):
+    pts = sorted((r['gflops_effective'], r[metric], r['name'])
+                 for r in rows if r['policy'] == policy)
+    xs, ys, names = zip(*pts)
+    ax.plot(xs, ys, 'o-', color=cmap(i), label=policy, ms=5, lw=1)
+    for x, y, name in pts:
+      ax.annotate(name, (x, y), fontsize=5, xytext=(3, 3),
+                  textcoords='offset points', color=cmap(i))
+  for r in rows:
+    if r['policy'] == 'none':
+      ax.plot(r['gflops_effective'], r[metric], '*', color='k', ms=11,
+              label=f'unpruned ({r["name"]})')
+      ax.axhline(r[metric], color='k', ls='--', lw=0.6)
+  ax.set_xlabel('effective GFLOPs per image (2 x MACs)')
+  ax.set_ylabel({'miou': 'mIoU (%)',
+                 'boundary_miou': 'boundary mIoU (%)'}.get(metric, metric))
+  ax.set_title(title or f'{metric} vs effective GFLOPs', fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def _rgb(image: np.ndarray, prep: Dict[str, Any]) -> np.ndarray:
+  """A normalised image [H, W, 3] back to RGB in [0, 1]."""
+  return np.clip(image * np.asarray(prep['std']) + np.asarray(prep['mean']),
+                 0, 1)
+
+
+def _labels(label: np.ndarray, num_colours: int = 20) -> np.ndarray:
+  cmap = plt.get_cmap('tab20')
+  rgb = cmap(np.asarray(label) % num_colours)[..., :3]
+  rgb[np.asarray(label) == 255] = 0.0
+  return rgb
+
+
+def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4) -> str:
+  """Image | label | one exit map per pruned setting, for the first images.
+
+  An exit map tints every patch by the boundary it exited at (red: the
+  first, orange: the second, ...); patches that reached the decoder keep
+  the image's grey.
+  """
+  maps: Dict[str, List[Dict[str, np.ndarray]]] = visuals['maps']
+  names = list(maps)
+  count = min(max_images, min(len(m) for m in maps.values()))
+  has_label = maps[names[0]][0]['label'] is not None
+  cols = (2 if has_label else 1) + len(names)
+  fig, axes = plt.subplots(count, cols, figsize=(1.9 * cols, 1.9 * count),
+                           dpi=120, squeeze=False)
+  for i in range(count):
+    first = maps[names[0]][i]
+    rgb = _rgb(first['image'], visuals['prep'])
+    panels = [('image', rgb)]
+    if has_label:
+      panels.append(('label', _labels(first['label'])))
+    grey = np.repeat(rgb.mean(-1, keepdims=True), 3, axis=-1)
+    for name in names:
+      stage = maps[name][i]['exit_stage']
+      h, w = rgb.shape[:2]
+      up = np.kron(stage, np.ones((-(-h // stage.shape[0]),
+                                   -(-w // stage.shape[1]))))[:h, :w]
+      tint = grey.copy()
+      for s in range(int(stage.max())):
+        colour = np.asarray(matplotlib.colors.to_rgb(
+            _STAGE_COLOURS[s % len(_STAGE_COLOURS)]))
+        tint[up == s] = 0.45 * grey[up == s] + 0.55 * colour
+      panels.append((name, tint))
+    for ax, (title, img) in zip(axes[i], panels):
+      ax.imshow(img, interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(title, fontsize=6)
+  fig.suptitle('exit stage per patch: red = first boundary, orange = second, '
+               'grey = reached the decoder', fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def write_figures(workdir: str, rows: List[Dict[str, Any]],
+                  visuals: Dict[str, Any]) -> List[str]:
+  """The Pareto plots (rows with a segmentation metric) and the exit maps."""
+  out = []
+  rows = [r for r in rows if 'miou' in r]
+  if rows:
+    for metric in ('miou', 'boundary_miou'):
+      out.append(pareto(rows, os.path.join(workdir, f'pareto_{metric}.png'),
+                        metric))
+  if visuals and visuals.get('maps'):
+    out.append(exit_maps(visuals, os.path.join(workdir, 'exit_maps.png')))
+  return out

@@ -1,0 +1,124 @@
+"""Per-patch low-level image features for LVTP (specs/lvtp.md §3.1).
+
+Computed once per forward (per image, per window in sliding-window
+inference) from the un-normalised RGB image in [0, 1]:
+
+  luma       Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601)
+  sobel      G = sqrt(Gx^2 + Gy^2 + eps) with the 3x3 Sobel kernels and
+             reflect padding without repeating the edge pixel (OpenCV's
+             default border, BORDER_REFLECT_101 = numpy's 'reflect')
+  pooling    per p x p patch: 'mean' of G, 'max' of G, or 'density', the
+             fraction of pixels with G > tau
+  color_var  optional second channel: per-patch pixel variance, averaged
+             over R, G, B (the spec's `lowlevel=("sobel", "color_var")`)
+  normalise  per image, min-max over all patches to [0, 1]; with several
+             channels, the mean of the normalised channels
+
+Every function is static-shape and batch-first; patch n is at row n // w,
+column n % w of the patch grid, the encoder's token order.
+"""
+
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+POOLS = ('mean', 'max', 'density')
+FEATURES = ('sobel', 'color_var')
+_LUMA = (0.299, 0.587, 0.114)
+_EPS = 1e-12
+
+
+def unnormalize(images: jax.Array,
+                normalization: Tuple[Sequence[float], Sequence[float]]
+                ) -> jax.Array:
+  """[B, H, W, 3] normalised with (mean, std) in 0..1 units -> RGB in [0, 1]."""
+  mean, std = (jnp.asarray(v, jnp.float32) for v in normalization)
+  return images.astype(jnp.float32) * std + mean
+
+
+def luma(rgb: jax.Array) -> jax.Array:
+  """[B, H, W, 3] -> [B, H, W] BT.601 luma."""
+  return rgb @ jnp.asarray(_LUMA, rgb.dtype)
+
+
+def sobel_magnitude(y: jax.Array, eps: float = _EPS) -> jax.Array:
+  """[B, H, W] -> [B, H, W] Sobel gradient magnitude, reflect-101 border.
+
+  Gx = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] (correlation), Gy = Gx^T.
+  """
+  p = jnp.pad(y, ((0, 0), (1, 1), (1, 1)), mode='reflect')
+  h, w = y.shape[1:]
+  win = lambda dy, dx: p[:, dy:dy + h, dx:dx + w]
+  # Separable: [1, 2, 1] smoothing across the derivative direction.
+  gx = (win(0, 2) - win(0, 0)) + 2 * (win(1, 2) - win(1, 0)) + (
+      win(2, 2) - win(2, 0))
+  gy = (win(2, 0) - win(0, 0)) + 2 * (win(2, 1) - win(0, 1)) + (
+      win(2, 2) - win(0, 2))
+  return jnp.sqrt(gx * gx + gy * gy + eps)
+
+
+def _patches(x: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, ...] -> [B, N, p * p, ...] in row-major patch order."""
+  b, h, w = x.shape[:3]
+  rest = x.shape[3:]
+  x = x.reshape((b, h // patch, patch, w // patch, patch) + rest)
+  x = jnp.moveaxis(x, 2, 3)
+  return x.reshape((b, (h // patch) * (w // patch), patch * patch) + rest)
+
+
+def patch_pool(g: jax.Array, patch: int, how: str = 'mean',
+               tau: float = 0.1) -> jax.Array:
+  """[B, H, W] per-pixel values -> [B, N] per patch ('mean'/'max'/'density')."""
+  if how not in POOLS:
+    raise ValueError(f'edge_pool={how!r}; expected one of {POOLS}.')
+  g = _patches(g, patch)
+  if how == 'mean':
+    return g.mean(axis=-1)
+  if how == 'max':
+    return g.max(axis=-1)
+  return (g > tau).mean(axis=-1, dtype=jnp.float32)
+
+
+def color_variance(rgb: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, 3] -> [B, N]: per-patch pixel variance, mean over channels."""
+  return _patches(rgb, patch).var(axis=2).mean(axis=-1)
+
+
+def minmax(e: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """[B, N] -> [B, N] in [0, 1], per image."""
+  lo = e.min(axis=1, keepdims=True)
+  hi = e.max(axis=1, keepdims=True)
+  return (e - lo) / (hi - lo + eps)
+
+
+def edge_scores(images: jax.Array,
+                normalization: Tuple[Sequence[float], Sequence[float]],
+                patch: int, *, pool: str = 'mean', tau: float = 0.1,
+                features: Sequence[str] = ('sobel',)) -> jax.Array:
+  """Normalised low-level score per patch (module docstring).
+
+  Args:
+    images: [B, H, W, 3] normalised images, H and W multiples of `patch`.
+    normalization: (mean, std) per channel in 0..1 units.
+    patch: patch side p.
+    pool: Sobel pooling, one of POOLS.
+    tau: 'density' threshold on the Sobel magnitude (image in [0, 1]; the
+      magnitude of a unit step is 4).
+    features: subset of FEATURES.
+
+  Returns:
+    [B, N] float32 in [0, 1]; high = edge / detail.
+  """
+  unknown = set(features) - set(FEATURES)
+  if unknown or not features:
+    raise ValueError(f'lowlevel={tuple(features)}: expected a non-empty '
+                     f'subset of {FEATURES}.')
+  rgb = unnormalize(images, normalization)
+  channels = []
+  if 'sobel' in features:
+    channels.append(minmax(patch_pool(sobel_magnitude(luma(rgb)), patch,
+                                      pool, tau)))
+  if 'color_var' in features:
+    channels.append(minmax(color_variance(rgb, patch)))
+  return sum(channels) / len(channels)
