@@ -17,6 +17,7 @@ the Pareto plots and exit maps are drawn next to it
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from lvtp_jax.evaluation import classification
@@ -52,6 +53,9 @@ def run(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # TFDS and Orbax log every dataset and checkpoint open at INFO.
+    logging.set_verbosity(logging.WARNING)
   out = run(_CONFIG.value, _WORKDIR.value)
   print(f'device: {out["device"]}')
   print(results.format_table(out['rows']))

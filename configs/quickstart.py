@@ -129,9 +129,9 @@ def get_config(arg=None):
     config.eval.timing_rounds = 1
     config.eval.warmup = 1
     config.eval.exit_maps = 2
-    # Three settings keep the test fast: the unpruned model, and DToP and
-    # LVTP calibrated on 8 images.
-    keep = ('unpruned', 'dtop_p0.9/buffer', 'lvtp/buffer')
+    # Three settings keep the test fast: the unpruned model, DToP in masked
+    # mode and LVTP in buffer mode calibrated on 8 images.
+    keep = ('unpruned', 'dtop_p0.9', 'lvtp/buffer')
     config.sweep = tuple(
         dict(s, **({'pruning.calibrate.images': 8}
                    if 'pruning.calibrate.images' in s else {}))

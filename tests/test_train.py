@@ -165,26 +165,29 @@ def test_quickstart_runlocal_end_to_end(quickstart_run):
   with open(os.path.join(workdir, 'results.json')) as f:
     written = json.load(f)
   assert written == out
-  # The runlocal sweep: the unpruned model, DToP and LVTP in buffer mode.
+  # The runlocal sweep: the unpruned model, DToP in masked mode and LVTP in
+  # buffer mode.
   unpruned, dtop, lvtp = written['rows']
   assert [r['policy'] for r in written['rows']] == ['none', 'dtop', 'lvtp']
   for row in written['rows']:
     assert 0 <= row['miou'] <= 100 and 0 <= row['boundary_miou'] <= 100
     assert row['gflops_effective'] <= unpruned['gflops_effective'] * (1 + 1e-9)
+  assert dtop['params']['mode'] == 'masked' and dtop['params']['top_k'] == 5
+  assert dtop['capacity_per_stage'] == [65, 65]
+  assert lvtp['params']['mode'] == 'buffer'
+  assert lvtp['calibration'] == dict(split='train', images=8, forwards=8,
+                                     quantile=0.75)
+  assert len(lvtp['params']['capacities']) == 1
+  assert lvtp['capacity_per_stage'][0] == unpruned['tokens_per_stage'][0]
   for row in (dtop, lvtp):
-    assert row['params']['mode'] == 'buffer'
-    assert row['calibration'] == dict(split='train', images=8, forwards=8,
-                                      quantile=0.75)
     assert row['speedup'] > 0 and row['realized_flops_ratio'] > 0
-    assert len(row['params']['capacities']) == 1
-    assert row['capacity_per_stage'][0] == unpruned['tokens_per_stage'][0]
     assert 0 <= row['overflow_forwards'] <= row['forwards']
     assert 0 <= row['decision_share'] < 0.1
+    # Patch accuracy of the exited and the remaining patches, pruned vs
+    # unpruned: every evaluated patch is in one group.
+    acc = row['token_accuracy']
+    assert acc['exited']['patches'] + acc['stayed']['patches'] == 8 * 64
   assert lvtp['params']['qs'] == [0.5, 1.0, 2.0]
-  # Patch accuracy of the exited and the remaining patches, pruned vs
-  # unpruned: every evaluated patch is in one group.
-  acc = lvtp['token_accuracy']
-  assert acc['exited']['patches'] + acc['stayed']['patches'] == 8 * 64
   for name in ('pareto_miou.png', 'pareto_boundary_miou.png',
                'exit_maps.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000

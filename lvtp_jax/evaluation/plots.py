@@ -36,11 +36,12 @@ def pareto(rows: List[Dict[str, Any]], path: str, metric: str = 'miou',
     for x, y, name in pts:
       ax.annotate(name, (x, y), fontsize=5, xytext=(3, 3),
                   textcoords='offset points', color=cmap(i))
-  for r in rows:
-    if r['policy'] == 'none':
-      ax.plot(r['gflops_effective'], r[metric], '*', color='k', ms=11,
-              label=f'unpruned ({r["name"]})')
-      ax.axhline(r[metric], color='k', ls='--', lw=0.6)
+  unpruned = [r for r in rows if r['policy'] == 'none']
+  if unpruned:
+    r = unpruned[-1]
+    ax.plot(r['gflops_effective'], r[metric], '*', color='k', ms=11,
+            label='unpruned')
+    ax.axhline(r[metric], color='k', ls='--', lw=0.6)
   ax.set_xlabel('effective GFLOPs per image (2 x MACs)')
   ax.set_ylabel({'miou': 'mIoU (%)',
                  'boundary_miou': 'boundary mIoU (%)'}.get(metric, metric))
@@ -66,15 +67,17 @@ def _labels(label: np.ndarray, num_colours: int = 20) -> np.ndarray:
   return rgb
 
 
-def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4) -> str:
-  """Image | label | one exit map per pruned setting, for the first images.
+def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
+              max_settings: int = 8) -> str:
+  """Image | label | one exit map per pruned setting, for the first images
+  (the first max_settings settings that kept maps, config.eval.exit_maps).
 
   An exit map tints every patch by the boundary it exited at (red: the
   first, orange: the second, ...); patches that reached the decoder keep
   the image's grey.
   """
   maps: Dict[str, List[Dict[str, np.ndarray]]] = visuals['maps']
-  names = list(maps)
+  names = list(maps)[:max_settings]
   count = min(max_images, min(len(m) for m in maps.values()))
   has_label = maps[names[0]][0]['label'] is not None
   cols = (2 if has_label else 1) + len(names)

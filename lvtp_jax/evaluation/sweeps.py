@@ -18,6 +18,8 @@ Sweep = Tuple[Dict[str, Any], ...]
 # (counted in every row).
 BUFFER = {'pruning.mode': 'buffer', 'pruning.calibrate.images': 200,
           'pruning.calibrate.quantile': 0.75}
+# The exit-map picture shows the masked-mode settings of the comparison.
+_NO_MAPS = {'eval.exit_maps': 0}
 # LVTP-R with DToP's per-class context rule (spec §3.3 option).
 LVTP_CONTEXT = {'pruning.lvtp.keep_topk_per_class': 5}
 
@@ -40,7 +42,8 @@ def policy_comparison(buffer: bool = True) -> Sweep:
   for name, setting in policies:
     rows.append(dict(setting, **{'eval.name': name}))
     if buffer:
-      rows.append(dict(setting, **BUFFER, **{'eval.name': f'{name}/buffer'}))
+      rows.append(dict(setting, **BUFFER, **_NO_MAPS,
+                       **{'eval.name': f'{name}/buffer'}))
   return tuple(rows)
 
 
@@ -71,5 +74,5 @@ def lvtp_ablation() -> Sweep:
       ('ctx_grid2', {'pruning.lvtp.context_stride': 2}),
       ('interpolate', {'pruning.lvtp.pruned_fill': 'interpolate'}),
   ]
-  return tuple(dict({'pruning.name': 'lvtp'}, **v,
+  return tuple(dict({'pruning.name': 'lvtp'}, **v, **_NO_MAPS,
                     **{'eval.name': f'lvtp/{name}'}) for name, v in variants)
