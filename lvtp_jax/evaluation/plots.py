@@ -78,7 +78,7 @@ def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
   """
   maps: Dict[str, List[Dict[str, np.ndarray]]] = visuals['maps']
   names = list(maps)[:max_settings]
-  count = min(max_images, min(len(m) for m in maps.values()))
+  count = min(max_images, min(len(maps[n]) for n in names))
   has_label = maps[names[0]][0]['label'] is not None
   cols = (2 if has_label else 1) + len(names)
   fig, axes = plt.subplots(count, cols, figsize=(1.9 * cols, 1.9 * count),

@@ -24,11 +24,11 @@ _NO_MAPS = {'eval.exit_maps': 0}
 LVTP_CONTEXT = {'pruning.lvtp.keep_topk_per_class': 5}
 
 
-def policy_comparison(buffer: bool = True) -> Sweep:
+def policy_comparison() -> Sweep:
   """The unpruned model, the random floor, DToP (p0 0.95, 0.9), LVTP-R (spec
   defaults, and with the context rule): each in masked mode (the exact
-  algorithm: quality and effective GFLOPs) and, with buffer=True, in buffer
-  mode (real savings: realized GFLOPs and measured speed-up)."""
+  algorithm: quality and effective GFLOPs) and in buffer mode (real savings:
+  realized GFLOPs and measured speed-up)."""
   policies = [
       ('random', {'pruning.name': 'random',
                   'pruning.random.exit_fraction': (0.3,)}),
@@ -41,9 +41,8 @@ def policy_comparison(buffer: bool = True) -> Sweep:
   rows = [{'eval.name': 'unpruned'}]
   for name, setting in policies:
     rows.append(dict(setting, **{'eval.name': name}))
-    if buffer:
-      rows.append(dict(setting, **BUFFER, **_NO_MAPS,
-                       **{'eval.name': f'{name}/buffer'}))
+    rows.append(dict(setting, **BUFFER, **_NO_MAPS,
+                     **{'eval.name': f'{name}/buffer'}))
   return tuple(rows)
 
 

@@ -94,17 +94,12 @@ def overflow_exits(remaining: jax.Array, conf: jax.Array, capacity: int,
     [B, Kp] bool, a subset of `remaining` with max(0, |remaining| - capacity)
     entries per image.
   """
-  b, kp = remaining.shape
   if rule == 'exit_last':
     rank = jnp.cumsum(remaining, axis=1) - 1
   else:
-    # Staying order: least confident first; the stable sort keeps the lower
-    # slot first among equal confidences.
-    order = jnp.argsort(jnp.where(remaining, conf, jnp.inf), axis=1,
-                        stable=True)
-    pos = jnp.broadcast_to(jnp.arange(kp), (b, kp))
-    rank = jnp.zeros((b, kp), order.dtype).at[
-        jnp.arange(b)[:, None], order].set(pos)
+    # Staying order: least confident first; among equal confidences the
+    # lower slot stays.
+    rank = registry.ranks(jnp.where(remaining, conf, jnp.inf))
   return remaining & (rank >= capacity)
 
 

@@ -176,11 +176,7 @@ def exit_decisions(probs: jax.Array, edge: jax.Array,
     exits = exits & ~context_grid(ctx, params.context_stride)
   frac = params.max_exit_frac[ctx.stage]
   if frac < 1.0:
-    b, kp = valid.shape
-    order = jnp.argsort(jnp.where(exits, u, jnp.inf), axis=1, stable=True)
-    rank = jnp.zeros((b, kp), order.dtype).at[
-        jnp.arange(b)[:, None], order].set(
-            jnp.broadcast_to(jnp.arange(kp), (b, kp)))
+    rank = registry.ranks(jnp.where(exits, u, jnp.inf))
     budget = jnp.floor(frac * valid.sum(axis=1).astype(jnp.float32))
     exits = exits & (rank < budget.astype(rank.dtype)[:, None])
   return exits & valid

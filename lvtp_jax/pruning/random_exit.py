@@ -72,12 +72,7 @@ def random_exits(draws: jax.Array, ctx: registry.StageContext,
     fraction: the fraction of active patches that exit.
   """
   u = ctx.patch_to_slot(draws, fill=2.0)
-  u = jnp.where(ctx.valid, u, 2.0)
-  b, kp = u.shape
-  order = jnp.argsort(u, axis=1, stable=True)
-  rank = jnp.zeros((b, kp), order.dtype).at[
-      jnp.arange(b)[:, None], order].set(jnp.broadcast_to(jnp.arange(kp),
-                                                          (b, kp)))
+  rank = registry.ranks(jnp.where(ctx.valid, u, 2.0))
   count = jnp.floor(fraction * ctx.valid.sum(axis=1).astype(jnp.float32))
   return ctx.valid & (rank < count.astype(rank.dtype)[:, None])
 

@@ -133,6 +133,19 @@ class Policy:
     raise NotImplementedError
 
 
+def ranks(keys: jax.Array) -> jax.Array:
+  """[B, K] -> [B, K] int32: each slot's position in ascending key order.
+
+  Stable: equal keys keep slot order, so ties go to the lower slot (the
+  lower patch index). Policies rank with it to take "the n lowest".
+  """
+  b, k = keys.shape
+  order = jnp.argsort(keys, axis=1, stable=True)
+  pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+  return jnp.zeros((b, k), jnp.int32).at[jnp.arange(b)[:, None], order].set(
+      pos)
+
+
 _REGISTRY: Dict[str, Policy] = {}
 
 
