@@ -90,6 +90,7 @@ def get_config(arg=None):
   config.train.lr_mult_regex = r'^(decoder|aux_head_\d+)/'
   config.train.batch_size = 16
   config.train.aux_weight = 0.4
+  config.train.aux_loss = 'pixel'      # or 'token' (lvtp_jax/train/loop.py)
   config.train.log_every = 50
   config.train.checkpoint_every = 500
   config.train.eval_every = 500        # quick validation mIoU (0 = end only)
@@ -130,8 +131,8 @@ def get_config(arg=None):
     config.eval.warmup = 1
     config.eval.exit_maps = 2
     # Three settings keep the test fast: the unpruned model, DToP in masked
-    # mode and LVTP in buffer mode calibrated on 8 images.
-    keep = ('unpruned', 'dtop_p0.9', 'lvtp/buffer')
+    # mode and LVTP with exit summaries in buffer mode calibrated on 8 images.
+    keep = ('unpruned', 'dtop_p0.9', 'lvtp_sum/buffer')
     config.sweep = tuple(
         dict(s, **({'pruning.calibrate.images': 8}
                    if 'pruning.calibrate.images' in s else {}))

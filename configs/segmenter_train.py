@@ -139,6 +139,7 @@ def get_config(arg=None):
       num_steps=steps, momentum=0.9, weight_decay=0.0, grad_clip_norm=0.0))
   config.train.batch_size = batch
   config.train.aux_weight = 1.0
+  config.train.aux_loss = 'pixel'      # or 'token' (lvtp_jax/train/loop.py)
   config.train.log_every = 100
   config.train.checkpoint_every = 2000
   config.train.max_to_keep = 3

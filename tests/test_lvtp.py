@@ -269,7 +269,7 @@ def _np_extreme(x, members, k, iters, gap, lowest):
   return members & (a == pick)
 
 
-def _numpy_lvtp(probs, edge, valid, prm, frac):
+def _numpy_lvtp(probs, edge, valid, prm, frac, grid=(6, 8)):
   """One image: spec §3.2-3.3 with loops."""
   nq = len(prm.qs)
   c = probs.shape[-1]
@@ -313,6 +313,15 @@ def _numpy_lvtp(probs, edge, valid, prm, frac):
       idx = np.flatnonzero(exits & (yhat == cls))
       keep = idx[np.argsort(u[idx], kind='stable')[:prm.keep_topk_per_class]]
       exits[keep] = False
+  if prm.label_boundary:
+    h, w = grid
+    r = prm.label_boundary // 2
+    cls = np.where(valid, yhat, -1).reshape(h, w)
+    for n in np.flatnonzero(exits):
+      y, x = divmod(n, w)
+      window = cls[max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1]
+      if len(set(window[window >= 0].tolist())) > 1:
+        exits[n] = False
   if frac < 1:
     budget = int(np.floor(frac * valid.sum()))
     idx = np.flatnonzero(exits)
@@ -330,6 +339,8 @@ _ABLATIONS = [
     dict(weighting='uniform', qs=(0.5, 2.0, 3.0)),
     dict(weighting='single', qs=(2.0,), conf_floor=0.6),
     dict(keep_topk_per_class=2, max_exit_frac=(0.3,)),
+    dict(label_boundary=3),
+    dict(label_boundary=5, passes=1),
 ]
 
 
@@ -347,6 +358,13 @@ def test_decisions_match_numpy_restatement(overrides):
   sharp = rng.random((b, kp, 1)) < 0.6
   probs = np.where(sharp, _random_probs(rng, (b, kp, c), 6.0),
                    _random_probs(rng, (b, kp, c), 0.7))
+  # Spatially coherent predictions: the argmax is the quadrant of the 6x8
+  # grid, so predicted class boundaries are lines (label_boundary).
+  yy, xx = np.divmod(np.arange(kp), 8)
+  region = (xx >= 4) + 2 * (yy >= 3)
+  shift = region - probs.argmax(-1)
+  probs = np.stack([np.roll(probs[i, j], shift[i, j]) for i in range(b)
+                    for j in range(kp)]).reshape(b, kp, c)
   edge = rng.random((b, kp)) ** 2
   valid = rng.random((b, kp)) < 0.85
   prm = _lvtp_params(**overrides)
@@ -362,6 +380,11 @@ def test_decisions_match_numpy_restatement(overrides):
     np.testing.assert_array_equal(got[i], want, err_msg=f'image {i}')
   assert got.any() and not (got & ~valid).all()
   assert not (got & ~valid).any()
+  if prm.label_boundary:   # the guard changed something
+    plain = _lvtp_params(**dict(overrides, label_boundary=0))
+    assert (np.asarray(decide(probs.astype(np.float32),
+                              edge.astype(np.float32), ctx, plain)) & ~got
+            ).any()
 
 
 def test_edge_rescue_keeps_edge_tokens():
@@ -409,7 +432,9 @@ def test_config_defaults_and_errors():
       (dict(max_exit_frac=(0.5, 0.5, 0.5)), 'one per stage boundary'),
       (dict(max_exit_frac=(1.5,)), 'max_exit_frac'),
       (dict(pruned_fill='zero'), 'pruned_fill'),
-      (dict(keep_topk_per_class=-1), 'keep_topk_per_class')]:
+      (dict(keep_topk_per_class=-1), 'keep_topk_per_class'),
+      (dict(label_boundary=2), 'label_boundary'),
+      (dict(label_boundary=1), 'label_boundary')]:
     with pytest.raises(ValueError, match=match):
       pruning.build_spec(dict(name='lvtp', lvtp=bad), model, NORM)
   with pytest.raises(ValueError, match='normalization'):
@@ -445,11 +470,11 @@ def _apply(model, params, cfg, x, norm=dict(mean=(0.5,) * 3, std=(0.5,) * 3)):
                                            return_aux=True))(params, x)
 
 
-@pytest.mark.parametrize('mask', [False, True])
-def test_buffer_matches_masked_oracle(mask):
+@pytest.mark.parametrize('mask,lb', [(False, 0), (True, 0), (False, 3)])
+def test_buffer_matches_masked_oracle(mask, lb):
   model, params = (MASK_MODEL, MASK_PARAMS) if mask else (MODEL, PARAMS)
   x = _structured_images(0)
-  cfg = dict(name='lvtp', lvtp=dict(gap1=0.0, gap2=0.0))
+  cfg = dict(name='lvtp', lvtp=dict(gap1=0.0, gap2=0.0, label_boundary=lb))
   logits, aux = _apply(model, params, cfg, x)
   stage = np.asarray(aux['exit_stage'])
   assert (stage == 0).any() and (stage == 2).any()

@@ -11,6 +11,7 @@ so the tests share compiled forwards (`_forward`).
 """
 
 import json
+import math
 import os
 import sys
 
@@ -27,6 +28,7 @@ from lvtp_jax.pruning import dtop
 from lvtp_jax.pruning import engine
 from lvtp_jax.pruning import random_exit
 from lvtp_jax.pruning import registry
+from lvtp_jax.tokens import state as ts
 from tests import tiny_segmenter as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -319,6 +321,124 @@ def test_effective_macs():
 # ----------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------
+# Exit summaries (config.pruning.exit_summary='per_class').
+# ----------------------------------------------------------------------------
+
+
+def _state(x, size=None):
+  state = ts.init_state(jnp.asarray(x), 1)
+  return state if size is None else state.replace(size=jnp.asarray(size))
+
+
+def test_summarize_exits_matches_numpy():
+  rng = np.random.default_rng(0)
+  b, p, kp, c, d = 3, 1, 12, 4, 6
+  x = rng.normal(size=(b, p + kp, d)).astype(np.float32)
+  size = rng.integers(1, 4, size=(b, p + kp)).astype(np.float32)
+  logits = rng.normal(size=(b, kp, c)).astype(np.float32)
+  logits[0, 3] = logits[0, 5]          # a confidence tie: the lower slot
+  exits = rng.random((b, kp)) < 0.6
+  exits[0, [3, 5]] = True
+  state = _state(x, size)
+  new, carriers = jax.jit(engine.summarize_exits, static_argnums=3)(
+      state, jnp.asarray(exits), jnp.asarray(logits), p)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  want_x, want_size = x.copy(), size.copy()
+  want_carriers = np.zeros((b, kp), bool)
+  for i in range(b):
+    for cls in range(c):
+      members = np.flatnonzero(exits[i] & (probs[i].argmax(-1) == cls))
+      if not len(members):
+        continue
+      conf = probs[i, members].max(-1)
+      carrier = members[np.flatnonzero(conf == conf.max())[0]]
+      want_carriers[i, carrier] = True
+      w = size[i, p + members]
+      want_x[i, p + carrier] = (w[:, None] * x[i, p + members]).sum(0) / w.sum()
+      want_size[i, p + carrier] = w.sum()
+  assert want_carriers[0, 3] or not exits[0, 3]
+  np.testing.assert_array_equal(carriers, want_carriers)
+  np.testing.assert_allclose(new.x, want_x, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(new.size, want_size)
+  np.testing.assert_array_equal(new.valid, state.valid)
+
+
+def test_a_summary_of_identical_tokens_is_exact():
+  # m identical tokens merged into one slot of size m, with proportional
+  # attention, give every other token exactly what the m copies gave it.
+  from lvtp_jax.models import vit  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  b, k, d, m = 2, 10, 16, 4
+  x = rng.normal(size=(b, k, d)).astype(np.float32)
+  x[:, 2:2 + m] = x[:, 2:3]            # slots 2..5 are copies
+  block = vit.Block(num_heads=2, mlp_dim=32)
+  params = block.init(jax.random.PRNGKey(0), _state(x))
+  full, _ = block.apply(params, _state(x))
+  logits = np.zeros((b, k - 1, 3), np.float32)
+  logits[:, 1:1 + m, 0] = 5.0          # the copies: class 0, patch slots 1..4
+  exits = np.zeros((b, k - 1), bool)
+  exits[:, 1:1 + m] = True
+  summary, carriers = engine.summarize_exits(
+      _state(x), jnp.asarray(exits), jnp.asarray(logits), 1)
+  np.testing.assert_array_equal(np.flatnonzero(carriers[0]), [1])
+  keep = np.ones((b, k), bool)
+  keep[:, 3:2 + m] = False             # the copies other than the carrier
+  summary = summary.replace(valid=jnp.asarray(keep))
+  out, _ = block.apply(params, summary, masked=True, proportional=True)
+  np.testing.assert_allclose(np.asarray(out.x)[keep],
+                             np.asarray(full.x)[keep], rtol=1e-5, atol=1e-5)
+  # Without the log-size term the copies' weight is lost.
+  plain, _ = block.apply(params, summary, masked=True)
+  assert np.abs(np.asarray(plain.x)[keep] - np.asarray(full.x)[keep]).max() \
+      > 1e-3
+
+
+@pytest.mark.parametrize('mask', [False, True])
+def test_exit_summaries_in_the_engine(mask):
+  x = _images(2)
+  base = _dtop(_median_conf(x), top_k=1)
+  _, plain = _run(x, base, mask=mask)
+  cfg = dict(base, exit_summary='per_class')
+  oracle, aux = _run(x, cfg, mask=mask)
+  # The same first-stage decisions (later ones see the summaries); every
+  # exiting class of an image leaves one slot behind, and the effective-FLOP
+  # token counts include the summary slots.
+  stage = np.asarray(aux['exit_stage'])
+  np.testing.assert_array_equal(stage == 0,
+                                np.asarray(plain['exit_stage']) == 0)
+  first = np.asarray(plain['aux_logits'][AUX[0]]).argmax(-1)
+  for i in range(B):
+    classes = len(set(first[i][stage[i] == 0].tolist()))
+    assert classes > 0
+    assert (aux['tokens_per_block'][i, AUX[0]] ==
+            plain['tokens_per_block'][i, AUX[0]] + classes)
+  assert not np.allclose(aux['token_logits'], plain['token_logits'])
+  # Exited patches keep the canvas prediction; buffer mode gives the same
+  # result when the capacities hold the patches and the summaries.
+  np.testing.assert_array_equal(
+      np.asarray(aux['token_logits'])[stage == 0],
+      np.asarray(aux['aux_logits'][AUX[0]])[stage == 0])
+  tokens = np.asarray(aux['tokens_per_block'])
+  capacities = tuple(max(tokens[:, k].max(), 1) / N for k in AUX)
+  logits, buf = _run(x, dict(cfg, mode='buffer', capacities=capacities),
+                     mask=mask)
+  np.testing.assert_array_equal(buf['overflow'], 0)
+  np.testing.assert_array_equal(buf['exit_stage'], stage)
+  np.testing.assert_array_equal(buf['tokens_per_block'], tokens)
+  np.testing.assert_allclose(buf['token_logits'], aux['token_logits'],
+                             atol=2e-5)
+  np.testing.assert_allclose(logits, oracle, atol=2e-5)
+  # A capacity below patches + summaries: the summaries stay, patches
+  # overflow (counted), and the buffer never holds more than its capacity.
+  small = tuple(max(c - 2 / N, 1 / N) for c in capacities)
+  _, tight = _run(x, dict(cfg, mode='buffer', capacities=small), mask=mask)
+  assert np.asarray(tight['overflow']).sum() > 0
+  for s, k in enumerate(AUX):
+    assert (np.asarray(tight['tokens_per_block'])[:, k] <=
+            math.ceil(round(small[s] * N, 6))).all()
+
+
 def test_config_defaults_and_spec():
   cfg = pruning.config_defaults()
   assert cfg.name == 'none' and cfg.mode == 'masked'
@@ -358,6 +478,7 @@ def test_config_defaults_and_spec():
     (dict(name='dtop', dtopp=dict()), r'config.pruning.dtopp is not'),
     (dict(name='random', random=dict(exit_fraction=(2.0,))),
      r'config.pruning.random.exit_fraction'),
+    (dict(name='dtop', exit_summary='mean'), r'config.pruning.exit_summary'),
 ])
 def test_config_errors_name_the_field(cfg, match):
   with pytest.raises(ValueError, match=match):

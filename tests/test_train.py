@@ -109,6 +109,28 @@ def test_pixel_cross_entropy_ignores_255():
                              expected, rtol=1e-6)
 
 
+def test_pixel_aux_loss_matches_torch_upsample_and_cross_entropy():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  # A 3x4 grid of patch 4 for 10x14 labels: the last row and column of
+  # patches are padded, as in the Segmenter forward.
+  token_logits = rng.normal(size=(2, 12, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, size=(2, 10, 14)).astype(np.int32)
+  labels[0, :3] = 255
+  ours = losses.pixel_cross_entropy(
+      losses.upsample_like(jnp.asarray(token_logits), jnp.asarray(labels), 4),
+      jnp.asarray(labels))
+  grid = torch.from_numpy(token_logits).reshape(2, 3, 4, 5).permute(0, 3, 1, 2)
+  up = torch.nn.functional.interpolate(grid, size=(12, 16), mode='bilinear',
+                                       align_corners=False)[:, :, :10, :14]
+  ref = torch.nn.functional.cross_entropy(
+      up, torch.from_numpy(labels).long(), ignore_index=255)
+  np.testing.assert_allclose(ours, ref.item(), rtol=1e-5)
+  with pytest.raises(ValueError, match='grid'):
+    losses.upsample_like(jnp.asarray(token_logits[:, :10]),
+                         jnp.asarray(labels), 4)
+
+
 # ----------------------------------------------------------------------------
 # Training runs on synthetic_scenes/tiny.
 # ----------------------------------------------------------------------------
@@ -239,6 +261,30 @@ def test_eval_py_evaluates_the_latest_training_checkpoint(quickstart_run,
     eval_main.run(empty, str(tmp_path))
 
 
+def test_loss_split_of_a_pruned_setting(quickstart_run, data_dir):
+  from lvtp_jax.evaluation import loss_split  # pylint: disable=g-import-not-at-top
+  workdir, _ = quickstart_run
+  config = _config(data_dir)
+  config.eval.progress = False
+  config.sweep = ({'eval.name': 'nothing_exits', 'pruning.name': 'dtop',
+                   'pruning.dtop.threshold': 1.0},
+                  {'eval.name': 'all_exit', 'pruning.name': 'dtop',
+                   'pruning.dtop.threshold': 0.0, 'pruning.dtop.top_k': 0})
+  none, every = loss_split.run(config, workdir, ['nothing_exits', 'all_exit'])
+  base = none['unpruned']['miou']
+  # Nothing exits: all three ways are the unpruned model.
+  for way in loss_split.WAYS:
+    np.testing.assert_allclose(none[way]['miou'], base, atol=1e-6)
+  # Everything exits at the first head: filling every patch from the
+  # unpruned model is the unpruned model, and the exits alone are the model.
+  np.testing.assert_allclose(every['oracle_fill']['miou'], base, atol=1e-6)
+  np.testing.assert_allclose(every['exit_only']['miou'],
+                             every['pruned']['miou'], atol=1e-6)
+  assert 'all_exit' in loss_split.format_rows([every])
+  with pytest.raises(ValueError, match='not settings of config.sweep'):
+    loss_split.run(config, workdir, ['dtop_p0.9'])
+
+
 def test_init_from_a_training_workdir(quickstart_run, data_dir):
   """Phase 2 (pruning fine-tune) starts from the phase-1 workdir."""
   from lvtp_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
@@ -337,6 +383,10 @@ def test_out_of_range_config_values(data_dir, tmp_path):
   config = _config(data_dir)
   config.model.aux_layers = (2,)
   with pytest.raises(ValueError, match='aux_layers'):
+    loop.train(config, str(tmp_path))
+  config = _config(data_dir)
+  config.train.aux_loss = 'dice'
+  with pytest.raises(ValueError, match='train.aux_loss'):
     loop.train(config, str(tmp_path))
   config = _config(data_dir)
   config.data.crop_size = 40

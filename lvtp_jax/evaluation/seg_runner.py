@@ -180,7 +180,8 @@ def _slide(fwd, source, cfg, mean, std, metrics, num, stats, desc,
 def run_split(config: ml_collections.ConfigDict, model, params,
               prep: Dict[str, Any], *, split: Optional[str] = None,
               num_examples: int = 0, max_maps: int = 0, desc: str = 'eval',
-              baseline: Optional[Callable] = None
+              baseline: Optional[Callable] = None,
+              forward: Optional[Callable] = None
               ) -> Tuple[Dict[str, Any], jax.Array, float, int, ForwardStats]:
   """Segmentation metrics and token statistics of (model, params).
 
@@ -197,6 +198,8 @@ def run_split(config: ml_collections.ConfigDict, model, params,
     desc: progress-bar label.
     baseline: forward_fn of the unpruned model, for the token accuracies
       ('whole' mode).
+    forward: images -> (logits, aux) to score instead of
+      forward_fn(model, params) (lvtp_jax.evaluation.loss_split).
 
   Returns:
     (metrics, forward_batch, windows_per_image, num_images, stats): the
@@ -226,7 +229,8 @@ def run_split(config: ml_collections.ConfigDict, model, params,
       boundary_width=config.eval.boundary_width or None)
   stats = ForwardStats(num_prefix=model.num_prefix, max_maps=max_maps)
   run = _whole if config.eval.mode == 'whole' else _slide
-  images, windows_per_image = run(forward_fn(model, params), source, config,
+  fwd = forward or forward_fn(model, params)
+  images, windows_per_image = run(fwd, source, config,
                                   mean, std, metrics, num, stats, desc,
                                   baseline, model.patch_size)
   return metrics.result(), images, windows_per_image, num, stats

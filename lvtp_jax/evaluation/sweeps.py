@@ -22,21 +22,32 @@ BUFFER = {'pruning.mode': 'buffer', 'pruning.calibrate.images': 200,
 _NO_MAPS = {'eval.exit_maps': 0}
 # LVTP-R with DToP's per-class context rule (spec §3.3 option).
 LVTP_CONTEXT = {'pruning.lvtp.keep_topk_per_class': 5}
+# The exiting patches of each predicted class leave one merged summary slot
+# behind (config.pruning.exit_summary; ours, not from either paper).
+SUMMARY = {'pruning.exit_summary': 'per_class'}
 
 
 def policy_comparison() -> Sweep:
-  """The unpruned model, the random floor, DToP (p0 0.95, 0.9), LVTP-R (spec
-  defaults, and with the context rule): each in masked mode (the exact
-  algorithm: quality and effective GFLOPs) and in buffer mode (real savings:
-  realized GFLOPs and measured speed-up)."""
+  """The unpruned model, the random floor, DToP (p0 0.95, 0.9; and with exit
+  summaries at 0.9 and 0.8), LVTP-R (spec defaults; with exit summaries; and
+  with exit summaries and a 3- or 4-cluster edge pass): each in masked mode
+  (the exact algorithm: quality and effective GFLOPs) and in buffer mode
+  (real savings: realized GFLOPs and measured speed-up)."""
+  lvtp = {'pruning.name': 'lvtp'}
   policies = [
       ('random', {'pruning.name': 'random',
                   'pruning.random.exit_fraction': (0.3,)}),
       ('dtop_p0.95', {'pruning.name': 'dtop',
                       'pruning.dtop.threshold': 0.95}),
       ('dtop_p0.9', {'pruning.name': 'dtop', 'pruning.dtop.threshold': 0.9}),
-      ('lvtp', {'pruning.name': 'lvtp'}),
-      ('lvtp_ctx5', dict({'pruning.name': 'lvtp'}, **LVTP_CONTEXT)),
+      ('dtop_p0.9_sum', {'pruning.name': 'dtop',
+                         'pruning.dtop.threshold': 0.9, **SUMMARY}),
+      ('dtop_p0.8_sum', {'pruning.name': 'dtop',
+                         'pruning.dtop.threshold': 0.8, **SUMMARY}),
+      ('lvtp', lvtp),
+      ('lvtp_sum', dict(lvtp, **SUMMARY)),
+      ('lvtp_sum_k3', dict(lvtp, **SUMMARY, **{'pruning.lvtp.k2': 3})),
+      ('lvtp_sum_k4', dict(lvtp, **SUMMARY, **{'pruning.lvtp.k2': 4})),
   ]
   rows = [{'eval.name': 'unpruned'}]
   for name, setting in policies:
@@ -50,7 +61,9 @@ def lvtp_ablation() -> Sweep:
   """LVTP-R's parts one at a time, in masked mode (the exact algorithm):
   single q vs several, the weightings, spatial scales, with and without the
   edge rescue, one vs two clustering passes, the clustering variants, exit
-  budgets, the confidence floor, context rules and the interpolated fill."""
+  budgets, the confidence floor, context rules, the label-boundary guard,
+  logits instead of frozen probabilities, the interpolated fill, and the
+  exit summaries with the edge-pass variants they make affordable."""
   variants = [
       ('q0.5', {'pruning.lvtp.qs': (0.5,), 'pruning.lvtp.weighting': 'single'}),
       ('q1', {'pruning.lvtp.qs': (1.0,), 'pruning.lvtp.weighting': 'single'}),
@@ -71,6 +84,23 @@ def lvtp_ablation() -> Sweep:
           'pruning.lvtp.passes': 1})),
       ('ctx5_edge_k3', dict(LVTP_CONTEXT, **{'pruning.lvtp.k2': 3})),
       ('ctx_grid2', {'pruning.lvtp.context_stride': 2}),
+      ('label_boundary3', {'pruning.lvtp.label_boundary': 3}),
+      ('logits', {'pruning.lvtp.reassemble': 'logits'}),
+      ('ctx5', LVTP_CONTEXT),
+      ('sum', SUMMARY),
+      ('sum_no_edge_rescue', dict(SUMMARY, **{'pruning.lvtp.passes': 1})),
+      ('sum_no_edge_rescue_lb3', dict(SUMMARY, **{
+          'pruning.lvtp.passes': 1, 'pruning.lvtp.label_boundary': 3})),
+      ('sum_k3', dict(SUMMARY, **{'pruning.lvtp.k2': 3})),
+      ('sum_k3_q1', dict(SUMMARY, **{'pruning.lvtp.k2': 3,
+                                     'pruning.lvtp.qs': (1.0,),
+                                     'pruning.lvtp.weighting': 'single'})),
+      ('sum_k3_per_class', dict(SUMMARY, **{
+          'pruning.lvtp.k2': 3, 'pruning.lvtp.clustering': 'per_class'})),
+      ('sum_k4', dict(SUMMARY, **{'pruning.lvtp.k2': 4})),
+      ('sum_k3_budget0.3', dict(SUMMARY, **{'pruning.lvtp.k2': 3,
+                                            'pruning.lvtp.max_exit_frac':
+                                                (0.3,)})),
       ('interpolate', {'pruning.lvtp.pruned_fill': 'interpolate'}),
   ]
   return tuple(dict({'pruning.name': 'lvtp'}, **v, **_NO_MAPS,

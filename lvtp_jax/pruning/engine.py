@@ -22,6 +22,17 @@ aux_source='final_head_on_intermediate'; stage s is the s-th of them
      order). Forced patches keep the canvas prediction of this boundary and
      exit at this stage like any other, and are counted in aux['overflow'],
      so overflow is never silent and every patch still has a prediction.
+Exit summaries (config.pruning.exit_summary='per_class', ours): before the
+exits leave, the exiting patch slots of each predicted class are merged into
+one slot (the most confident of them; feature = size-weighted mean, size =
+their total size) that stays in the buffer with no patch mapped to it. It is
+a key and a query of every later block, with proportional attention (log
+size added to its attention logits, so m identical tokens merged into one
+attend and are attended to exactly as the m copies would be), it takes a
+buffer slot (counted in tokens_per_block and the effective FLOPs), it never
+exits and it is never decoded: heads and the decoder see patch slots only.
+The exited patches still take their canvas prediction. In buffer mode the
+summaries always stay and the patches share the remaining capacity.
 All decisions are under `lax.stop_gradient`; the feature gathers and the
 canvas writes are differentiable (so, as in the official DToP code, the loss
 on an exited patch trains the head it exited at).
@@ -87,7 +98,8 @@ def overflow_exits(remaining: jax.Array, conf: jax.Array, capacity: int,
   Args:
     remaining: [B, Kp] bool, patch slots that would stay active.
     conf: [B, Kp] float32 confidence of the head at this boundary.
-    capacity: static number of patch slots of the next buffer.
+    capacity: number of patch slots of the next buffer left for patches:
+      a static int, or [B, 1] int when exit summaries take some of them.
     rule: 'exit_confident' or 'exit_last' (see the module docstring).
 
   Returns:
@@ -142,7 +154,9 @@ def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
   src = state.src
   active = src >= 0
   psrc = patch_slots(src, p)
-  patch_valid = state.valid[:, p:]
+  owned = owned_slots(src, state.valid.shape[1])[:, p:]
+  summaries = state.valid[:, p:] & ~owned    # exit-summary slots so far
+  patch_valid = state.valid[:, p:] & owned
   kp = patch_valid.shape[1]
   seen = ts.patch_values(head_logits, psrc)
   aux_logits = jnp.where(active[..., None], seen, canvas)
@@ -162,25 +176,85 @@ def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
     exits = jax.lax.stop_gradient(policy.decide(ctx, spec.params))
     exits = exits & patch_valid
   remaining = patch_valid & ~exits
+  if spec.exit_summary == 'per_class':
+    state, carriers = summarize_exits(state, exits, decision_logits, p)
+    summaries = summaries | carriers
 
   capacity = spec.capacity(stage, src.shape[1]) if spec.mode == 'buffer' else kp
   forced = jnp.zeros_like(exits)
   if capacity < kp:
-    forced = overflow_exits(remaining, confidence(decision_logits), capacity,
+    # Summary slots always stay; the patches share what is left.
+    room = capacity - summaries.sum(axis=1, keepdims=True)
+    forced = overflow_exits(remaining, confidence(decision_logits), room,
                             spec.overflow)
     remaining = remaining & ~forced
   left = ts.patch_values(exits | forced, psrc, fill=False)
   exit_stage = jnp.where(left, stage, exit_stage)
+  state = state.replace(src=jnp.where(left, -1, state.src))
+  stay = remaining | summaries
   if capacity < kp:
     keep = jnp.concatenate(
-        [jnp.ones((remaining.shape[0], p), bool), remaining], axis=1)
+        [jnp.ones((remaining.shape[0], p), bool), stay], axis=1)
     state, _, _ = ts.compact(state, keep, p + capacity, p)
   else:
-    state = state.replace(
-        valid=state.valid.at[:, p:].set(remaining),
-        src=jnp.where(left, -1, src))
+    state = state.replace(valid=state.valid.at[:, p:].set(stay))
   return (state, canvas, exit_stage, aux_logits,
           forced.sum(axis=1).astype(jnp.int32))
+
+
+def owned_slots(src: jax.Array, capacity: int) -> jax.Array:
+  """[B, N] patch -> slot map -> [B, K] bool: slots some patch maps to.
+
+  A compare-and-reduce rather than a scatter (scatters are slow on CPU)."""
+  slots = jnp.arange(capacity, dtype=src.dtype)
+  return (src[:, :, None] == slots[None, None, :]).any(axis=1)
+
+
+def summarize_exits(state: ts.TokenState, exits: jax.Array,
+                    logits: jax.Array, num_prefix: int
+                    ) -> Tuple[ts.TokenState, jax.Array]:
+  """exit_summary='per_class': one summary slot per predicted class.
+
+  The exiting patch slots of each class (argmax of the boundary head) are
+  merged into the most confident of them (ties: the lower slot): its
+  feature becomes their size-weighted mean and its size their total size.
+  The caller then sends every exiting patch, that one's included, to the
+  canvas, so the slot stays in the buffer without a patch (a summary).
+
+  Args:
+    state: the buffer at the boundary.
+    exits: [B, Kp] bool, patch slots that exit.
+    logits: [B, Kp, C] float32 head logits of the patch slots.
+    num_prefix: prefix slots at the front of the buffer.
+
+  Returns:
+    (state, carriers [B, Kp] bool): the buffer with the merged features and
+    sizes, and the slots that now hold a summary.
+  """
+  p = num_prefix
+  _, kp, c = logits.shape
+  x, size = state.x[:, p:], state.size[:, p:]
+  cls = jnp.argmax(logits, axis=-1)                          # [B, Kp]
+  conf = confidence(logits)
+  # One-hot class membership of the exiting slots (matmuls, no scatter).
+  member = jax.nn.one_hot(cls, c, dtype=jnp.float32) * exits[..., None]
+  w = member * size[..., None]                               # [B, Kp, C]
+  total = w.sum(axis=1)                                      # [B, C]
+  summed = jnp.einsum('bkc,bkd->bcd', w, x.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  mean = summed / jnp.maximum(total, 1e-9)[..., None]        # [B, C, D]
+  # Carrier of a class: its most confident exiting slot, the lower on ties.
+  score = jnp.where(member > 0, conf[..., None], -1.0)       # [B, Kp, C]
+  best = jnp.argmax(score, axis=1)                           # [B, C]
+  present = total > 0
+  carriers = ((jnp.arange(kp)[None, :, None] == best[:, None, :])
+              & present[:, None, :]).any(axis=-1)            # [B, Kp]
+  take = lambda a: jnp.take_along_axis(a, cls.reshape(cls.shape + (1,) * (
+      a.ndim - 2)), axis=1)
+  new_x = jnp.where(carriers[..., None], take(mean).astype(x.dtype), x)
+  new_size = jnp.where(carriers, take(total), size)
+  return state.replace(x=state.x.at[:, p:].set(new_x),
+                       size=state.size.at[:, p:].set(new_size)), carriers
 
 
 def nearest_stayed(stayed: jax.Array, grid: Tuple[int, int]) -> jax.Array:
@@ -220,11 +294,18 @@ def reassemble(decoder_logits: jax.Array, src: jax.Array, canvas: jax.Array,
   return jnp.where(stayed[..., None], canvas_entry(dec, how), canvas)
 
 
+def _patch_keys(state: ts.TokenState, p: int) -> jax.Array:
+  """[B, Kp] bool: valid patch slots that a patch maps to (heads and the
+  decoder never see exit summaries)."""
+  return state.valid[:, p:] & owned_slots(state.src, state.valid.shape[1])[:,
+                                                                            p:]
+
+
 def boundary_logits(model: Any, spec: Any, layer: int, state: ts.TokenState,
                     masked: bool, train: bool) -> jax.Array:
   """[B, Kp, C] per-token logits of the head at boundary `layer`."""
   p = model.num_prefix
-  valid = state.valid[:, p:] if masked else None
+  valid = _patch_keys(state, p) if masked else None
   if spec.aux_source == 'aux_heads':
     return model.aux_heads[layer](state.x[:, p:], train, valid=valid)
   tokens = model.encoder.norm(state.x)[:, p:]
@@ -273,8 +354,9 @@ def forward(model: Any, images: jax.Array, train: bool
     want = frozenset()
     if layer in spec.exit_layers:
       want = policy.signals & registry.ATTENTION_SIGNALS
-    state, signals = model.encoder.run_block(i, state, masked=masked,
-                                             want=want, train=train)
+    state, signals = model.encoder.run_block(
+        i, state, masked=masked, want=want, train=train,
+        proportional=masked and spec.exit_summary != 'none')
     if layer not in stage_of:
       continue
     head_logits = boundary_logits(model, spec, layer, state, masked, train)
@@ -285,7 +367,7 @@ def forward(model: Any, images: jax.Array, train: bool
     overflow.append(forced)
     masked = True
   x = model.encoder.norm(state.x)[:, p:]
-  decoder_logits = model.decode_head(x, train, valid=state.valid[:, p:])
+  decoder_logits = model.decode_head(x, train, valid=_patch_keys(state, p))
   token_logits = reassemble(decoder_logits, state.src, canvas, p,
                             spec.reassemble, grid)
   aux = dict(aux_logits=aux_logits, valid_tokens=jnp.stack(slots, axis=1),

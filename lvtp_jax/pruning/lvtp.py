@@ -30,7 +30,11 @@ every stage boundary, on the patches still active:
      exit; pass 2: no rescue);
   3. optional guards: conf_floor (candidates need max_c p >= it),
      keep_topk_per_class (the k lowest-U exits of every predicted class
-     stay, DToP's context rule), max_exit_frac (at most that fraction of the
+     stay, DToP's context rule), context_stride (a regular sub-grid of
+     patches stays), label_boundary (patches whose window of active
+     patches holds two predicted classes stay: the semantic counterpart of
+     the edge rescue, for the pixels the bilinear upsampling blends across
+     a class boundary), max_exit_frac (at most that fraction of the
      active patches exits, lowest U first);
   4. the rest exit with their prediction in the exit canvas (engine.py);
      reassemble='frozen' (default) keeps their class distribution, and
@@ -78,6 +82,7 @@ class LVTPParams:
   conf_floor: float
   keep_topk_per_class: int
   context_stride: int
+  label_boundary: int
   max_exit_frac: Tuple[float, ...]   # per stage
 
 
@@ -106,6 +111,23 @@ def context_grid(ctx: registry.StageContext, stride: int) -> jax.Array:
   on_grid = ((patch // w) % stride == 0) & ((patch % w) % stride == 0)
   b = ctx.src.shape[0]
   return ctx.patch_to_slot(jnp.broadcast_to(on_grid, (b, h * w)), fill=False)
+
+
+def label_boundary(probs: jax.Array, ctx: registry.StageContext,
+                   size: int) -> jax.Array:
+  """[B, Kp, C] -> [B, Kp] bool: slots whose size x size patch neighbourhood
+  (itself and the active patches around it) holds more than one predicted
+  class (argmax p), i.e. the patches next to a predicted class boundary."""
+  b, _, c = probs.shape
+  h, w = ctx.grid
+  onehot = jax.nn.one_hot(jnp.argmax(probs, axis=-1), c, dtype=jnp.float32)
+  onehot = onehot * ctx.valid[..., None]
+  per_patch = ts.patch_values(onehot, ctx.src)               # 0 if exited
+  present = jax.lax.reduce_window(per_patch.reshape(b, h, w, c), 0.0,
+                                  jax.lax.max, (1, size, size, 1),
+                                  (1, 1, 1, 1), 'SAME')
+  mixed = present.reshape(b, h * w, c).sum(axis=-1) > 1.5
+  return ctx.patch_to_slot(mixed, fill=False)
 
 
 def uncertainty(probs: jax.Array, ctx: registry.StageContext,
@@ -174,6 +196,8 @@ def exit_decisions(probs: jax.Array, edge: jax.Array,
                                         params.keep_topk_per_class)
   if params.context_stride:
     exits = exits & ~context_grid(ctx, params.context_stride)
+  if params.label_boundary:
+    exits = exits & ~label_boundary(probs, ctx, params.label_boundary)
   frac = params.max_exit_frac[ctx.stage]
   if frac < 1.0:
     rank = registry.ranks(jnp.where(exits, u, jnp.inf))
@@ -207,6 +231,8 @@ class LVTP(registry.Policy):
     cfg.conf_floor = 0.0           # candidates need max p >= it (0: off)
     cfg.keep_topk_per_class = 0    # DToP's context rule (0: off)
     cfg.context_stride = 0         # keep a regular patch sub-grid (0: off)
+    cfg.label_boundary = 0         # keep patches at a predicted class
+                                   # boundary in this odd window (0: off)
     cfg.max_exit_frac = (1.0,)     # per stage, of the active patches
     cfg.reassemble = 'frozen'      # 'frozen' or 'logits' (engine.py)
     cfg.pruned_fill = 'exit'       # PRUNED_FILL
@@ -258,6 +284,10 @@ class LVTP(registry.Policy):
       raise ValueError(f'{field("keep_topk_per_class")} must be >= 0.')
     if cfg.context_stride < 0:
       raise ValueError(f'{field("context_stride")} must be >= 0 (0: off).')
+    lb = int(cfg.get('label_boundary', 0))
+    if lb < 0 or (lb and lb % 2 == 0) or lb == 1:
+      raise ValueError(f'config.pruning.lvtp.label_boundary={lb}: 0 (off) '
+                       'or an odd window side >= 3, e.g. 3.')
     fracs = tuple(float(f) for f in spec_lib.per_stage(
         cfg.max_exit_frac, num_stages, 'config.pruning.lvtp.max_exit_frac',
         1.0))
@@ -273,7 +303,7 @@ class LVTP(registry.Policy):
         edge_tau=float(cfg.edge_tau), lowlevel=features,
         conf_floor=float(cfg.conf_floor),
         keep_topk_per_class=int(cfg.keep_topk_per_class),
-        context_stride=int(cfg.context_stride),
+        context_stride=int(cfg.context_stride), label_boundary=lb,
         max_exit_frac=fracs)
 
   def prepare(self, images, params, *, normalization, patch_size):

@@ -47,6 +47,15 @@ config.pruning fields (defaults in `config_defaults`):
               order. Either way the forced patches keep the canvas
               prediction of that boundary, so every patch still has a
               prediction, and they are counted in aux['overflow'].
+  exit_summary  what the patches that exit leave behind for the ones that
+              stay: 'none' (default; DToP's and LVTP's rule: they leave the
+              attention) or 'per_class': at every boundary the exiting
+              patches of each predicted class are merged (size-weighted
+              mean) into one summary slot that stays in the buffer as an
+              attention key and query, with ToMe's proportional attention
+              (log size on its attention logits), and is never decoded.
+              Training-free context for the remaining patches: a region that
+              exits keeps one token's compute (lvtp_jax/pruning/engine.py).
   <policy>    each policy's own block, e.g. config.pruning.dtop.threshold.
 """
 
@@ -62,6 +71,7 @@ MODES = ('masked', 'buffer')
 OVERFLOW_RULES = ('exit_confident', 'exit_last')
 REASSEMBLE = ('logits', 'frozen', 'interpolate')
 AUX_SOURCES = ('aux_heads', 'final_head_on_intermediate')
+EXIT_SUMMARIES = ('none', 'per_class')
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -73,6 +83,7 @@ def config_defaults() -> ml_collections.ConfigDict:
   cfg.aux_source = 'aux_heads'
   cfg.capacities = ()
   cfg.overflow = 'exit_confident'
+  cfg.exit_summary = 'none'
   cfg.calibrate = ml_collections.ConfigDict(dict(
       images=0, quantile=1.0, split='train'))
   for name in registry.names():
@@ -97,6 +108,7 @@ class PruningSpec:
     reassemble: 'logits', 'frozen' or 'interpolate' (lvtp_jax/pruning/
       engine.py).
     params: the policy's validated, hashable parameters.
+    exit_summary: 'none' or 'per_class' (EXIT_SUMMARIES).
     normalization: (mean, std) per RGB channel in 0..1 units that the input
       images were normalised with, for policies that read pixels
       (Policy.needs_normalization); None otherwise.
@@ -110,6 +122,7 @@ class PruningSpec:
   overflow: str
   reassemble: str
   params: Hashable = None
+  exit_summary: str = 'none'
   normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
 
   @property
@@ -258,6 +271,9 @@ def build_spec(cfg: Optional[Any], model: Any,
   if reassemble not in REASSEMBLE:
     raise ValueError(f'config.pruning.{cfg.name}.reassemble={reassemble!r} is '
                      f'not one of {REASSEMBLE}.')
+  if cfg.exit_summary not in EXIT_SUMMARIES:
+    raise ValueError(f'config.pruning.exit_summary={cfg.exit_summary!r} is not '
+                     f'one of {EXIT_SUMMARIES}.')
   normalization = _normalization(normalization)
   if policy.needs_normalization and normalization is None:
     raise ValueError(
@@ -270,6 +286,7 @@ def build_spec(cfg: Optional[Any], model: Any,
       boundaries=boundaries, exit_layers=exit_layers, capacities=capacities,
       overflow=cfg.overflow, reassemble=reassemble,
       params=policy.make_params(block, num_stages),
+      exit_summary=cfg.exit_summary,
       normalization=normalization if policy.needs_normalization else None)
 
 

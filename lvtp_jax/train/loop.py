@@ -5,8 +5,15 @@ along the data axis, the train state is replicated, and XLA inserts the
 gradient all-reduce. The state is donated, so a step updates it in place.
 
 Loss = pixel cross-entropy of the final logits (ignore 255)
-       + train.aux_weight * sum_k token cross-entropy of aux head k
-(per-token targets: lvtp_jax.train.losses). Drop-path draws from
+       + train.aux_weight * sum_k loss of aux head k, by train.aux_loss:
+  'pixel' (default) the head's token map upsampled bilinearly to the label
+          size, exactly as the final one, and pixel cross-entropy: the
+          official DToP rule (its heads' mask losses are on masks upsampled
+          to label size), which teaches a head where a class boundary lies
+          inside a patch, so an exited patch's prediction upsamples as well
+          as the decoder's;
+  'token' cross-entropy of the head's per-token logits against the majority
+          label of each patch (lvtp_jax.train.losses.token_targets). Drop-path draws from
 fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
 
 Written to WORKDIR: checkpoints/ (lvtp_jax.train.checkpoint), metrics.jsonl
@@ -50,6 +57,8 @@ from lvtp_jax.train import losses
 from lvtp_jax.train import model_init
 from lvtp_jax.train import optim
 
+AUX_LOSSES = ('pixel', 'token')
+
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises a ValueError naming an out-of-range training field and the fix."""
@@ -61,6 +70,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'number of devices ({num_devices}).')
   if t.aux_weight < 0:
     raise ValueError(f'train.aux_weight={t.aux_weight} must be >= 0.')
+  if t.get('aux_loss', 'pixel') not in AUX_LOSSES:
+    raise ValueError(f'train.aux_loss={t.aux_loss!r} is not one of '
+                     f'{AUX_LOSSES}.')
   if t.get('eval_every', 0) < 0 or t.get('eval_examples', 0) < 0:
     raise ValueError(f'train.eval_every={t.eval_every} and train.eval_examples'
                      f'={t.eval_examples} must be >= 0 (0: at the end only / '
@@ -99,6 +111,7 @@ def _prepare_synthetic(config: ml_collections.ConfigDict) -> None:
 def make_train_step(model, tx, schedule, config, mesh):
   """jit(state, batch) -> (state, metrics) over `mesh`, donating the state."""
   aux_weight = config.train.aux_weight
+  aux_loss = config.train.get('aux_loss', 'pixel')
 
   def loss_fn(params, batch, rng):
     logits, aux = model.apply(
@@ -107,13 +120,18 @@ def make_train_step(model, tx, schedule, config, mesh):
     labels = batch['segmentation']
     metrics = {'main_loss': losses.pixel_cross_entropy(logits, labels)}
     total = metrics['main_loss']
-    if aux['aux_logits']:
+    if aux['aux_logits'] and aux_loss == 'token':
       targets, valid = losses.token_targets(labels, model.patch_size,
                                             model.num_classes)
-      for k, token_logits in aux['aux_logits'].items():
+    for k, token_logits in aux['aux_logits'].items():
+      if aux_loss == 'pixel':
+        metrics[f'aux_loss_{k}'] = losses.pixel_cross_entropy(
+            losses.upsample_like(token_logits, labels, model.patch_size),
+            labels)
+      else:
         metrics[f'aux_loss_{k}'] = losses.token_cross_entropy(
             token_logits, targets, valid)
-        total = total + aux_weight * metrics[f'aux_loss_{k}']
+      total = total + aux_weight * metrics[f'aux_loss_{k}']
     metrics['loss'] = total
     return total, metrics
 
