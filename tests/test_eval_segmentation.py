@@ -147,3 +147,18 @@ def test_pruned_settings_in_slide_mode(data_dir, tmp_path):
   for name in ('pareto_miou.png', 'pareto_boundary_miou.png',
                'exit_maps.png'):
     assert os.path.getsize(tmp_path / name) > 1000
+
+
+def test_pareto_front_and_off_scale_rows(tmp_path):
+  from lvtp_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  pts = [(0.3, 40.0), (0.2, 39.0), (0.25, 38.0), (0.2, 39.0), (0.35, 40.0),
+         (0.1, 30.0)]
+  # (0.25, 38) is beaten by (0.2, 39); (0.35, 40) costs more than (0.3, 40);
+  # of the two equal (0.2, 39) points both stay (neither beats the other).
+  assert plots.front(pts) == [5, 1, 3, 0]
+  rows = [dict(name='unpruned', policy='none', gflops_effective=0.4,
+               miou=42.0)]
+  rows += [dict(name=f'a{i}', policy='a', gflops_effective=x, miou=y)
+           for i, (x, y) in enumerate(pts)]
+  path = plots.pareto(rows, str(tmp_path / 'p.png'))
+  assert os.path.getsize(path) > 1000

@@ -8,7 +8,7 @@ Written by eval.py (and train.py's final evaluation) next to results.json.
 """
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import matplotlib
 matplotlib.use('Agg')
@@ -18,36 +18,64 @@ import numpy as np
 _STAGE_COLOURS = ('#d62728', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b')
 
 
+def front(points: List[Tuple[float, float]]) -> List[int]:
+  """Indices of the Pareto-optimal (lowest cost, highest quality) points,
+  in order of cost: a point is on the front when no other point costs no
+  more and is strictly better, or costs strictly less and is as good."""
+  keep = []
+  for i, (x, y) in enumerate(points):
+    dominated = any((x2 <= x and y2 > y) or (x2 < x and y2 >= y)
+                    for j, (x2, y2) in enumerate(points) if j != i)
+    if not dominated:
+      keep.append(i)
+  return sorted(keep, key=lambda i: points[i])
+
+
 def pareto(rows: List[Dict[str, Any]], path: str, metric: str = 'miou',
-           title: str = '') -> str:
+           title: str = '', max_drop: float = 6.0) -> str:
   """One point per row: x = gflops_effective, y = rows[metric].
 
-  Points of a policy are joined in order of cost; the unpruned model is a
-  black star with a dashed line at its quality.
+  Every row of a policy is a dot; its Pareto front (front()) is joined and
+  labelled. The unpruned model is a black star with a dashed line at its
+  quality. Rows more than max_drop points below the unpruned model are left
+  off the axes and named in a note, so one failed setting does not flatten
+  the rest.
   """
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
   policies = sorted({r['policy'] for r in rows if r['policy'] != 'none'})
-  cmap = plt.get_cmap('tab10')
-  for i, policy in enumerate(policies):
-    pts = sorted((r['gflops_effective'], r[metric], r['name'])
-                 for r in rows if r['policy'] == policy)
-    xs, ys, names = zip(*pts)
-    ax.plot(xs, ys, 'o-', color=cmap(i), label=policy, ms=5, lw=1)
-    for x, y, name in pts:
-      ax.annotate(name, (x, y), fontsize=5, xytext=(3, 3),
-                  textcoords='offset points', color=cmap(i))
   unpruned = [r for r in rows if r['policy'] == 'none']
+  floor = unpruned[-1][metric] - max_drop if unpruned else -np.inf
+  cmap = plt.get_cmap('tab10')
+  off = []
+  for i, policy in enumerate(policies):
+    mine = [r for r in rows if r['policy'] == policy]
+    off += [r['name'] for r in mine if r[metric] < floor]
+    mine = [r for r in mine if r[metric] >= floor]
+    if not mine:
+      continue
+    pts = [(r['gflops_effective'], r[metric]) for r in mine]
+    ax.plot(*zip(*pts), 'o', color=cmap(i), ms=3, alpha=0.45)
+    best = front(pts)
+    ax.plot([pts[j][0] for j in best], [pts[j][1] for j in best], 'o-',
+            color=cmap(i), label=policy, ms=5, lw=1)
+    for j in best:
+      ax.annotate(mine[j]['name'], pts[j], fontsize=5, xytext=(3, 3),
+                  textcoords='offset points', color=cmap(i))
   if unpruned:
     r = unpruned[-1]
     ax.plot(r['gflops_effective'], r[metric], '*', color='k', ms=11,
             label='unpruned')
     ax.axhline(r[metric], color='k', ls='--', lw=0.6)
+  if off:
+    ax.text(0.01, 0.01, 'off the axes (more than %g below): %s' % (
+        max_drop, ', '.join(off)), transform=ax.transAxes, fontsize=5)
   ax.set_xlabel('effective GFLOPs per image (2 x MACs)')
   ax.set_ylabel({'miou': 'mIoU (%)',
                  'boundary_miou': 'boundary mIoU (%)'}.get(metric, metric))
-  ax.set_title(title or f'{metric} vs effective GFLOPs', fontsize=9)
+  ax.set_title(title or f'{metric} vs effective GFLOPs (lines: Pareto '
+               'fronts)', fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc='lower right')
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
