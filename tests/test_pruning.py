@@ -439,6 +439,26 @@ def test_exit_summaries_in_the_engine(mask):
             math.ceil(round(small[s] * N, 6))).all()
 
 
+def test_gradients_flow_through_exit_summaries():
+  # Phase-2 training with summaries: the merge is differentiable, so the
+  # blocks after a boundary send gradient into the exited patches' features.
+  x = _images(4)
+  cfg = dict(_dtop(_median_conf(x), top_k=1), exit_summary='per_class',
+             mode='buffer', capacities=(0.75,))
+  pruned = pruning.attach(MODEL, cfg)
+
+  def loss(p):
+    logits, aux = pruned.apply({'params': p}, x, return_aux=True)
+    return jnp.mean(logits ** 2) + sum(jnp.mean(v ** 2) for v in
+                                       aux['aux_logits'].values())
+
+  grads = jax.jit(jax.grad(loss))(PARAMS)
+  leaves = jax.tree.leaves(grads)
+  assert all(np.isfinite(g).all() for g in leaves)
+  last = grads['encoder']['blocks_2']
+  assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(last))
+
+
 def test_config_defaults_and_spec():
   cfg = pruning.config_defaults()
   assert cfg.name == 'none' and cfg.mode == 'masked'
