@@ -31,8 +31,13 @@ size added to its attention logits, so m identical tokens merged into one
 attend and are attended to exactly as the m copies would be), it takes a
 buffer slot (counted in tokens_per_block and the effective FLOPs), it never
 exits and it is never decoded: heads and the decoder see patch slots only.
-The exited patches still take their canvas prediction. In buffer mode the
-summaries always stay and the patches share the remaining capacity.
+The exited patches still take their canvas prediction. Only the policy's
+exits are summarised (patches forced out by the overflow rule are not). In
+buffer mode the summaries stay first and the patches share the remaining
+capacity; should the summaries alone exceed a capacity (many classes, a
+tiny buffer), every patch exits there (counted as overflow) and the
+summaries that come last in slot order are dropped: context is lost, never
+a prediction.
 All decisions are under `lax.stop_gradient`; the feature gathers and the
 canvas writes are differentiable (so, as in the official DToP code, the loss
 on an exited patch trains the head it exited at).
