@@ -45,10 +45,7 @@ def _hybrid(pruned_fwd, base_fwd, num_stages: int, patch: int, way: str):
       tokens = jnp.where(exited, base['token_logits'], aux['token_logits'])
     else:
       tokens = jnp.where(exited, aux['token_logits'], base['token_logits'])
-    h, w = x.shape[1:3]
-    grid = (-(-h // patch), -(-w // patch))
-    out = segmenter.upsample(tokens, grid, (grid[0] * patch, grid[1] * patch))
-    return out[:, :h, :w], aux
+    return segmenter.upsample_cropped(tokens, patch, x.shape[1:3]), aux
   return fwd
 
 

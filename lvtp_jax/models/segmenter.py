@@ -209,7 +209,7 @@ class Segmenter(nn.Module):
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     if self.pruning is not None:
       token_logits, grid, aux = pruning_engine.forward(self, x, train)
-      logits = upsample(token_logits, grid, (h + pad_h, w + pad_w))[:, :h, :w]
+      logits = upsample_cropped(token_logits, p, (h, w))
       if not return_aux:
         return logits
       aux.update(token_logits=token_logits, grid=jnp.asarray(grid, jnp.int32))
@@ -225,7 +225,7 @@ class Segmenter(nn.Module):
             state.x[:, self.num_prefix:], train)
     tokens = self.encoder.norm(state.x)[:, self.num_prefix:]
     token_logits = self.decode_head(tokens, train)
-    logits = upsample(token_logits, grid, (h + pad_h, w + pad_w))[:, :h, :w]
+    logits = upsample_cropped(token_logits, p, (h, w))
     if not return_aux:
       return logits
     aux = dict(token_logits=token_logits, aux_logits=aux_logits,
@@ -245,3 +245,16 @@ def upsample(token_logits: jax.Array, grid: Sequence[int],
   grid_logits = token_logits.reshape(b, grid[0], grid[1], c)
   return jax.image.resize(grid_logits.astype(jnp.float32),
                           (b, size[0], size[1], c), 'linear', antialias=False)
+
+
+def upsample_cropped(token_logits: jax.Array, patch_size: int,
+                     size: Sequence[int]) -> jax.Array:
+  """Token logits of an (h, w) image -> [B, h, w, C], the Segmenter's rule.
+
+  The image was padded to a multiple of the patch; the token grid is
+  upsampled to the padded size and cropped back to (h, w).
+  """
+  h, w = size
+  gh, gw = -(-h // patch_size), -(-w // patch_size)
+  return upsample(token_logits, (gh, gw),
+                  (gh * patch_size, gw * patch_size))[:, :h, :w]

@@ -159,9 +159,8 @@ def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
   src = state.src
   active = src >= 0
   psrc = patch_slots(src, p)
-  owned = owned_slots(src, state.valid.shape[1])[:, p:]
-  summaries = state.valid[:, p:] & ~owned    # exit-summary slots so far
-  patch_valid = state.valid[:, p:] & owned
+  patch_valid = _patch_keys(state, p, spec)
+  summaries = state.valid[:, p:] & ~patch_valid    # exit summaries so far
   kp = patch_valid.shape[1]
   seen = ts.patch_values(head_logits, psrc)
   aux_logits = jnp.where(active[..., None], seen, canvas)
@@ -299,18 +298,21 @@ def reassemble(decoder_logits: jax.Array, src: jax.Array, canvas: jax.Array,
   return jnp.where(stayed[..., None], canvas_entry(dec, how), canvas)
 
 
-def _patch_keys(state: ts.TokenState, p: int) -> jax.Array:
-  """[B, Kp] bool: valid patch slots that a patch maps to (heads and the
-  decoder never see exit summaries)."""
-  return state.valid[:, p:] & owned_slots(state.src, state.valid.shape[1])[:,
-                                                                            p:]
+def _patch_keys(state: ts.TokenState, p: int, spec: Any) -> jax.Array:
+  """[B, Kp] bool: valid slots that hold a patch (heads, policies and the
+  decoder never see exit summaries). Without summaries every valid slot
+  holds one, and nothing is computed."""
+  valid = state.valid[:, p:]
+  if spec.exit_summary == 'none':
+    return valid
+  return valid & owned_slots(state.src, state.valid.shape[1])[:, p:]
 
 
 def boundary_logits(model: Any, spec: Any, layer: int, state: ts.TokenState,
                     masked: bool, train: bool) -> jax.Array:
   """[B, Kp, C] per-token logits of the head at boundary `layer`."""
   p = model.num_prefix
-  valid = _patch_keys(state, p) if masked else None
+  valid = _patch_keys(state, p, spec) if masked else None
   if spec.aux_source == 'aux_heads':
     return model.aux_heads[layer](state.x[:, p:], train, valid=valid)
   tokens = model.encoder.norm(state.x)[:, p:]
@@ -372,7 +374,8 @@ def forward(model: Any, images: jax.Array, train: bool
     overflow.append(forced)
     masked = True
   x = model.encoder.norm(state.x)[:, p:]
-  decoder_logits = model.decode_head(x, train, valid=_patch_keys(state, p))
+  decoder_logits = model.decode_head(x, train,
+                                     valid=_patch_keys(state, p, spec))
   token_logits = reassemble(decoder_logits, state.src, canvas, p,
                             spec.reassemble, grid)
   aux = dict(aux_logits=aux_logits, valid_tokens=jnp.stack(slots, axis=1),

@@ -9,11 +9,11 @@ Loss = pixel cross-entropy of the final logits (ignore 255)
   'pixel' (default) the head's token map upsampled bilinearly to the label
           size, exactly as the final one, and pixel cross-entropy: the
           official DToP rule (its heads' mask losses are on masks upsampled
-          to label size), which teaches a head where a class boundary lies
-          inside a patch, so an exited patch's prediction upsamples as well
-          as the decoder's;
+          to label size); on the quickstart model every pruning policy
+          loses 0.4-0.8 mIoU less with it than with 'token' (README);
   'token' cross-entropy of the head's per-token logits against the majority
-          label of each patch (lvtp_jax.train.losses.token_targets). Drop-path draws from
+          label of each patch (lvtp_jax.train.losses.token_targets).
+Drop-path draws from
 fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
 
 Written to WORKDIR: checkpoints/ (lvtp_jax.train.checkpoint), metrics.jsonl

@@ -2,7 +2,7 @@
 
 An auxiliary head is trained either like the final head (`upsample_like`,
 then `pixel_cross_entropy`; train.aux_loss='pixel') or per token
-(train.aux_loss='token'). Per-token target of an auxiliary head: the majority label of the patch's
+(train.aux_loss='token'). Per-token target: the majority label of the patch's
 pixels, ignoring 255; ties go to the lowest class id (argmax order), and a
 patch whose pixels are all ignored has no target and is left out of the loss.
 This is the "dominant class" a token's prediction is scored against in the
@@ -21,19 +21,15 @@ IGNORE_INDEX = 255
 
 def upsample_like(token_logits: jax.Array, labels: jax.Array,
                   patch_size: int) -> jax.Array:
-  """[B, N, C] token logits -> [B, H, W, C] at the size of labels [B, H, W].
-
-  The Segmenter's own rule: the token grid of the image padded to a multiple
-  of the patch is upsampled bilinearly to the padded size and cropped.
-  """
+  """[B, N, C] token logits -> [B, H, W, C] at the size of labels [B, H, W]
+  (segmenter.upsample_cropped, after checking that N is the patch grid)."""
   _, h, w = labels.shape
   gh, gw = -(-h // patch_size), -(-w // patch_size)
   if token_logits.shape[1] != gh * gw:
     raise ValueError(
         f'{token_logits.shape[1]} token logits do not form the {gh}x{gw} '
         f'grid of {h}x{w} labels with patch {patch_size}.')
-  return segmenter.upsample(token_logits, (gh, gw),
-                            (gh * patch_size, gw * patch_size))[:, :h, :w]
+  return segmenter.upsample_cropped(token_logits, patch_size, (h, w))
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
