@@ -221,3 +221,22 @@ def test_bad_images(bad, match):
   model, params = from_segmenter(random_state_dict(net, 2), variant=net)
   with pytest.raises(ValueError, match=match):
     model.apply({'params': params}, jnp.asarray(bad))
+
+
+@pytest.mark.parametrize('in_hw,out_hw', [((8, 8), (128, 128)),
+                                          ((5, 7), (80, 112)),
+                                          ((6, 9), (17, 40)),
+                                          ((20, 12), (7, 12)),
+                                          ((4, 4), (4, 4))])
+def test_bilinear_resize_is_torch_interpolate(in_hw, out_hw):
+  x = np.random.default_rng(3).standard_normal((2,) + in_hw + (5,)).astype(
+      np.float32)
+  got = np.asarray(seg_lib.bilinear_resize(jnp.asarray(x), out_hw))
+  want = torch.nn.functional.interpolate(
+      torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode='bilinear',
+      align_corners=False).permute(0, 2, 3, 1).numpy()
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  jax_ref = jax.image.resize(jnp.asarray(x), (2,) + out_hw + (5,), 'linear',
+                             antialias=False)
+  np.testing.assert_allclose(got, np.asarray(jax_ref), atol=2e-6)

