@@ -253,11 +253,11 @@ def bilinear_resize(x: jax.Array, size: Sequence[int]) -> jax.Array:
 
   The map of torch's F.interpolate(mode='bilinear') and of
   jax.image.resize(..., 'linear', antialias=False) (tested against both),
-  written as two static two-tap gathers and blends, one per axis. XLA fuses
-  each into one loop over its output; jax.image.resize's dot + transpose
-  lowering took 3.5 ms for a batch of 16 quickstart logit maps on the
-  dev CPU, this takes about 1 ms, in the pruned and the unpruned forward
-  alike.
+  written as two static two-tap gathers and blends, one per axis. Measured
+  alone on the dev CPU (2 cores, jax 0.10.2) for a batch of 16 quickstart
+  logit maps (8 x 8 -> 128 x 128, 10 classes): jax.image.resize's dot +
+  transpose lowering 3.5 ms, this 0.93 ms; both forwards, pruned and
+  unpruned, save it alike.
   """
   x = x.astype(jnp.float32)
   for axis, n_out in ((1, size[0]), (2, size[1])):
