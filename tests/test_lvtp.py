@@ -21,6 +21,7 @@ from lvtp_jax.pruning import lowlevel
 from lvtp_jax.pruning import lvtp
 from lvtp_jax.pruning import registry
 from lvtp_jax.pruning import tsallis
+from lvtp_jax.pruning import ranking
 from tests import tiny_segmenter as tiny
 
 NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -136,8 +137,11 @@ def _numpy_init_1d(x, valid, k):
   return v[ranks][:, None]
 
 
+@pytest.mark.parametrize('count_max', [ranking.COUNT_MAX_SLOTS, 0])
 @pytest.mark.parametrize('k', [2, 3, 4])
-def test_kmeans_1d_matches_numpy(k):
+def test_kmeans_1d_matches_numpy(k, count_max, monkeypatch):
+  # Both ways of taking the initial quantiles: counting ranks and sorting.
+  monkeypatch.setattr(ranking, 'COUNT_MAX_SLOTS', count_max)
   rng = np.random.default_rng(k)
   b, n = 6, 40
   # Three well-separated groups plus noise.
@@ -241,6 +245,8 @@ def test_edge_scores_undo_the_normalisation():
   images = (rgb - mean) / std
   e = np.asarray(lowlevel.edge_scores(images, (mean, std), 8))
   y = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+  np.testing.assert_allclose(lowlevel.luma_of_normalized(images, (mean, std)),
+                             y, atol=2e-6)
   g = _scipy_sobel(y)
   pooled = g.reshape(2, 2, 8, 2, 8).mean((2, 4)).reshape(2, 4)
   lo, hi = pooled.min(1, keepdims=True), pooled.max(1, keepdims=True)

@@ -27,6 +27,7 @@ from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.pruning import dtop
 from lvtp_jax.pruning import engine
 from lvtp_jax.pruning import random_exit
+from lvtp_jax.pruning import ranking
 from lvtp_jax.pruning import registry
 from lvtp_jax.tokens import state as ts
 from tests import tiny_segmenter as tiny
@@ -527,6 +528,42 @@ def test_registering_a_policy():
 
   with pytest.raises(ValueError, match=r"unknown signals \['edges'\]"):
     registry.register(Bad())
+
+
+def _numpy_ranks(keys):
+  want = np.empty(keys.shape, np.int32)
+  order = np.argsort(keys, axis=-1, kind='stable')
+  np.put_along_axis(want, order, np.arange(keys.shape[-1]), axis=-1)
+  return want
+
+
+@pytest.mark.parametrize('count_max', [ranking.COUNT_MAX_SLOTS, 0])
+def test_ranks_is_a_stable_argsort(count_max, monkeypatch):
+  # Both paths: counting compares (small buffers) and the sort (large ones).
+  monkeypatch.setattr(ranking, 'COUNT_MAX_SLOTS', count_max)
+  rng = np.random.default_rng(0)
+  keys = rng.integers(0, 4, (5, 23)).astype(np.float32)   # many ties
+  keys[rng.random(keys.shape) < 0.3] = np.inf
+  # A fresh function per call: jit caches traces per function.
+  got = np.asarray(jax.jit(lambda k: registry.ranks(k))(jnp.asarray(keys)))
+  np.testing.assert_array_equal(got, _numpy_ranks(keys))
+  # Leading axes, and entries picked by rank.
+  keys3 = rng.normal(size=(2, 3, 17)).astype(np.float32)
+  keys3[0, 1, :5] = 0.5
+  np.testing.assert_array_equal(ranking.ranks(jnp.asarray(keys3)),
+                                _numpy_ranks(keys3))
+  rank = rng.integers(0, 17, (2, 3, 4)).astype(np.int32)
+  np.testing.assert_array_equal(
+      ranking.take_ranked(jnp.asarray(keys3), jnp.asarray(rank)),
+      np.take_along_axis(np.sort(keys3, axis=-1), rank, axis=-1))
+
+
+def test_ranks_sort_past_the_compare_budget(monkeypatch):
+  monkeypatch.setattr(ranking, 'COUNT_MAX_COMPARES', 100)
+  keys = np.random.default_rng(1).integers(0, 3, (4, 9)).astype(np.float32)
+  assert not ranking._counts(keys.shape)
+  np.testing.assert_array_equal(registry.ranks(jnp.asarray(keys)),
+                                _numpy_ranks(keys))
 
 
 # ----------------------------------------------------------------------------

@@ -98,6 +98,41 @@ def test_compact_keeps_order_prefix_and_counts_overflow():
     assert (src[b] >= 0).sum() == valid[b].sum() - P
 
 
+def _compact_reference(valid, keep, capacity, num_prefix):
+  """NumPy: stable argsort of "kept first", cut at the capacity."""
+  keep = (keep | (np.arange(keep.shape[1]) < num_prefix)) & valid
+  order = np.argsort(~keep, axis=1, kind='stable')[:, :capacity]
+  return order, keep.sum(axis=1)
+
+
+@pytest.mark.parametrize('capacity', [P, 4, 7, P + N])
+def test_compact_matches_a_stable_argsort_reference(capacity):
+  rng = np.random.default_rng(capacity)
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, P + N, D))
+  s = ts.init_state(x, num_prefix=P)
+  valid = rng.random((B, P + N)) < 0.8         # some slots already empty
+  valid[:, :P] = True
+  s = s.replace(valid=jnp.asarray(valid))
+  keep = rng.random((B, P + N)) < 0.5
+  new, idx, overflow = ts.compact(s, jnp.asarray(keep), capacity, P)
+  want_idx, n_keep = _compact_reference(valid, keep, capacity, P)
+  np.testing.assert_array_equal(np.asarray(idx), want_idx)
+  want_valid = np.arange(capacity)[None] < n_keep[:, None]
+  np.testing.assert_array_equal(np.asarray(new.valid), want_valid)
+  np.testing.assert_array_equal(np.asarray(new.x), np.asarray(x)[
+      np.arange(B)[:, None], want_idx])
+  kept = (keep | (np.arange(P + N) < P)) & valid
+  rank = np.cumsum(kept, axis=1) - 1
+  np.testing.assert_array_equal(np.asarray(overflow), kept & (rank >= capacity))
+  for b in range(B):                # a patch's slot is where it was moved to
+    for n in range(N):
+      slot = int(new.src[b, n])
+      if kept[b, P + n] and rank[b, P + n] < capacity:
+        assert want_idx[b, slot] == P + n
+      else:
+        assert slot == -1
+
+
 def test_compact_rejects_impossible_capacity():
   s = _state()
   with pytest.raises(ValueError, match='capacity'):

@@ -19,6 +19,8 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from lvtp_jax.pruning import ranking
+
 
 def masked_quantiles(x: jax.Array, valid: jax.Array, k: int) -> jax.Array:
   """[..., K] -> [..., k]: the valid values at ranks round(j (n-1) / (k-1)).
@@ -26,10 +28,9 @@ def masked_quantiles(x: jax.Array, valid: jax.Array, k: int) -> jax.Array:
   Rows without a valid value give 0.
   """
   n = valid.sum(axis=-1, keepdims=True)
-  ordered = jnp.sort(jnp.where(valid, x, jnp.inf), axis=-1)
   frac = jnp.linspace(0.0, 1.0, k) if k > 1 else jnp.zeros((1,))
   rank = jnp.round(frac * jnp.maximum(n - 1, 0)).astype(jnp.int32)
-  out = jnp.take_along_axis(ordered, rank, axis=-1)
+  out = ranking.take_ranked(jnp.where(valid, x, jnp.inf), rank)
   return jnp.where(n > 0, out, 0.0)
 
 

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lvtp_jax.pruning import ranking
+
 SIGNALS = frozenset({'aux_logits', 'cls_attn', 'attn', 'keys', 'image'})
 # Signals that come from the attention of the block ending at a boundary.
 ATTENTION_SIGNALS = frozenset({'cls_attn', 'attn', 'keys'})
@@ -137,13 +139,11 @@ def ranks(keys: jax.Array) -> jax.Array:
   """[B, K] -> [B, K] int32: each slot's position in ascending key order.
 
   Stable: equal keys keep slot order, so ties go to the lower slot (the
-  lower patch index). Policies rank with it to take "the n lowest".
+  lower patch index). Policies rank with it to take "the n lowest". Keys
+  must not be NaN (use +inf for "last"). Counts instead of sorting where
+  that is cheaper (ranking.py).
   """
-  b, k = keys.shape
-  order = jnp.argsort(keys, axis=1, stable=True)
-  pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
-  return jnp.zeros((b, k), jnp.int32).at[jnp.arange(b)[:, None], order].set(
-      pos)
+  return ranking.ranks(keys)
 
 
 _REGISTRY: Dict[str, Policy] = {}

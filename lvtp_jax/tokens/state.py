@@ -154,14 +154,26 @@ def compact(state: TokenState, keep: jax.Array, capacity: int,
         f'{capacity}; set the stage capacity in config.pruning accordingly.')
   is_prefix = jnp.arange(k) < num_prefix
   keep = (keep | is_prefix[None]) & state.valid
-  # Stable order: kept slots first in their current order, then the rest.
-  pos = jnp.arange(k, dtype=jnp.int32)[None]
-  order = jnp.argsort(jnp.where(keep, pos, pos + k), axis=1)
-  idx = order[:, :capacity].astype(jnp.int32)
-  n_keep = keep.sum(axis=1, keepdims=True)
-  idx_valid = jnp.arange(capacity)[None] < n_keep
-  new_state = gather(state, idx, idx_valid)
-  rank = jnp.cumsum(keep, axis=1) - 1
+  # Stable partition without a sort: a kept slot goes to its rank among the
+  # kept ones, a dropped slot after all kept ones in its rank among the
+  # dropped ones. `dest` is a permutation of 0..K-1 per image (the order a
+  # stable argsort of "kept first" gives); new slot j takes the old slot whose
+  # dest is j, found by a compare-and-reduce (argsort and scatter are slow on
+  # CPU and cost a sort on TPU).
+  n_keep = keep.sum(axis=1, keepdims=True, dtype=jnp.int32)
+  rank = jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1
+  dest = jnp.where(keep, rank,
+                   n_keep + jnp.cumsum(~keep, axis=1, dtype=jnp.int32) - 1)
+  pos = jnp.arange(k, dtype=jnp.int32)
+  hit = dest[:, None, :] == jnp.arange(capacity, dtype=jnp.int32)[None, :, None]
+  idx = jnp.sum(jnp.where(hit, pos[None, None, :], 0), axis=2)    # [B, M]
+  fits = keep & (rank < capacity)
+  valid = jnp.arange(capacity)[None] < n_keep
+  new_state = TokenState(
+      x=_take_rows(state.x, idx),
+      valid=valid,
+      size=jnp.where(valid, _take_rows(state.size, idx), 0.0),
+      src=remap_src(state.src, jnp.where(fits, rank, -1)))
   overflow = keep & (rank >= capacity)
   return new_state, idx, overflow
 
