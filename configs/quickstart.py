@@ -104,7 +104,7 @@ def get_config(arg=None):
 
   config.eval = segmentation.config_defaults()
   config.eval.update(dict(mode='whole', size=128, short_size=0, long_max=0,
-                          exit_maps=4, timing_iters=10, timing_rounds=5))
+                          exit_maps=4, timing_iters=10, timing_rounds=9))
   # Evaluation settings, one results row each (dotted overrides of this
   # config); () = one row for the config as it is.
   config.sweep = SWEEPS[arg.sweep]()
