@@ -19,9 +19,9 @@ from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.pruning import kmeans
 from lvtp_jax.pruning import lowlevel
 from lvtp_jax.pruning import lvtp
+from lvtp_jax.pruning import ranking
 from lvtp_jax.pruning import registry
 from lvtp_jax.pruning import tsallis
-from lvtp_jax.pruning import ranking
 from tests import tiny_segmenter as tiny
 
 NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
