@@ -106,11 +106,18 @@ def gather(state: TokenState, idx: jax.Array,
   new_pos = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
   old_to_new = jnp.full((b, k + 1), -1, jnp.int32)
   old_to_new = old_to_new.at[jnp.arange(b)[:, None], target].set(new_pos)
+  return _moved(state, idx, valid, old_to_new[:, :k])
+
+
+def _moved(state: TokenState, idx: jax.Array, valid: jax.Array,
+           old_to_new: jax.Array) -> TokenState:
+  """The buffer of slots `idx` [B, M] of `state`, given the new slots'
+  validity [B, M] and the old -> new slot map [B, K] (-1: not moved)."""
   return TokenState(
       x=_take_rows(state.x, idx),
       valid=valid,
       size=jnp.where(valid, _take_rows(state.size, idx), 0.0),
-      src=remap_src(state.src, old_to_new[:, :k]))
+      src=remap_src(state.src, old_to_new))
 
 
 def scatter(values: jax.Array, idx: jax.Array, base: jax.Array) -> jax.Array:
@@ -168,12 +175,8 @@ def compact(state: TokenState, keep: jax.Array, capacity: int,
   hit = dest[:, None, :] == jnp.arange(capacity, dtype=jnp.int32)[None, :, None]
   idx = jnp.sum(jnp.where(hit, pos[None, None, :], 0), axis=2)    # [B, M]
   fits = keep & (rank < capacity)
-  valid = jnp.arange(capacity)[None] < n_keep
-  new_state = TokenState(
-      x=_take_rows(state.x, idx),
-      valid=valid,
-      size=jnp.where(valid, _take_rows(state.size, idx), 0.0),
-      src=remap_src(state.src, jnp.where(fits, rank, -1)))
+  new_state = _moved(state, idx, jnp.arange(capacity)[None] < n_keep,
+                     jnp.where(fits, rank, -1))
   overflow = keep & (rank >= capacity)
   return new_state, idx, overflow
 
