@@ -18,14 +18,19 @@ runs/quickstart/results.json and draws the Pareto plots and exit maps:
   # the LVTP-R ablations (masked mode)
   python eval.py --config configs/quickstart.py:sweep=lvtp_ablation \
       --workdir runs/quickstart
+  # each policy's setting chosen on the held-out selection split, then
+  # evaluated on validation (lvtp_jax/evaluation/selection.py)
+  python -m lvtp_jax.evaluation.selection \
+      --config configs/quickstart.py:sweep=selection --workdir runs/quickstart
 
 arg (comma-separated):
   runlocal  a tiny model and a few steps on synthetic_scenes/tiny, for tests
             and a first look (python train.py --config
             configs/quickstart.py:runlocal --workdir /tmp/qs)
   sweep     none (default: one row, config.pruning; what train.py
-            evaluates at the end) | policies | lvtp_ablation
-            (lvtp_jax/evaluation/sweeps.py)
+            evaluates at the end) | policies | lvtp_ablation | selection
+            (the grid lvtp_jax.evaluation.selection chooses from on the
+            held-out split; lvtp_jax/evaluation/sweeps.py)
 """
 
 import ml_collections
@@ -132,14 +137,18 @@ def get_config(arg=None):
     config.eval.exit_maps = 2
     # Three settings keep the test fast: the unpruned model, DToP in masked
     # mode and LVTP with exit summaries in buffer mode calibrated on 8 images.
-    keep = ('unpruned', 'dtop_p0.9', 'lvtp_sum/buffer')
+    # The selection grid keeps one DToP and two LVTP-R settings.
+    keep = {'policies': ('unpruned', 'dtop_p0.9', 'lvtp_sum/buffer'),
+            'selection': ('dtop_p0.9_sum', 'lvtp_sum_k3',
+                          'lvtp_sum_no_edge_lb3')}.get(arg.sweep)
     config.sweep = tuple(
         dict(s, **({'pruning.calibrate.images': 8}
                    if 'pruning.calibrate.images' in s else {}))
         for s in config.sweep
-        if arg.sweep != 'policies' or s['eval.name'] in keep)
+        if keep is None or s['eval.name'] in keep)
   return config
 
 
 SWEEPS = {'none': tuple, 'policies': sweeps.policy_comparison,
-          'lvtp_ablation': sweeps.lvtp_ablation}
+          'lvtp_ablation': sweeps.lvtp_ablation,
+          'selection': sweeps.selection_grid}

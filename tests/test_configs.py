@@ -58,6 +58,21 @@ def test_config_loads_and_names_known_components(path):
     mod.get_config('no_such_arg=1')
 
 
+@pytest.mark.parametrize('sweep', ['policies', 'lvtp_ablation', 'selection'])
+def test_quickstart_sweeps_are_valid_settings(sweep):
+  mod = _load(os.path.join(REPO, 'configs', 'quickstart.py'))
+  for arg in (f'sweep={sweep}', f'sweep={sweep},runlocal'):
+    config = mod.get_config(arg)
+    model = seg_lib.Segmenter(**model_init._random_init_kwargs(  # pylint: disable=protected-access
+        config.model), aux_layers=tuple(config.model.aux_layers))
+    settings = segmentation.sweep_settings(config)
+    names = [s.eval.name for s in settings]
+    assert len(set(names)) == len(names) > 0
+    for setting in settings:
+      pruning.build_spec(setting.pruning, model,
+                         normalization=dict(mean=(0.5,) * 3, std=(0.5,) * 3))
+
+
 def test_deit_config_args():
   mod = _load(os.path.join(REPO, 'configs', 'deit_imagenet.py'))
   config = mod.get_config('model=vit_small_patch16_384,dataset=imagenette')

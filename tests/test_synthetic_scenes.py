@@ -62,6 +62,20 @@ def test_prepared_tiny_dataset_equals_the_generator(tmp_path):
     image, label = gen.generate_example('validation', int(ex['index']))
     np.testing.assert_array_equal(ex['image'], image)
     np.testing.assert_array_equal(ex['segmentation'][..., 0], label)
+  # The held-out selection split: its own images, none of validation's or
+  # train's.
+  selection = tfds.data_source('synthetic_scenes/tiny', split='selection',
+                               data_dir=str(tmp_path))
+  assert len(selection) == 8
+  seen = {gen.generate_example(split, i)[0].tobytes()
+          for split, count in (('train', 32), ('validation', 16))
+          for i in range(count)}
+  for k in range(len(selection)):
+    ex = selection[k]
+    image, label = gen.generate_example('selection', int(ex['index']))
+    np.testing.assert_array_equal(ex['image'], image)
+    np.testing.assert_array_equal(ex['segmentation'][..., 0], label)
+    assert image.tobytes() not in seen
   # Preparing again is a no-op that keeps the data.
   synthetic_scenes.prepare(str(tmp_path), config='tiny')
   assert len(tfds.data_source('synthetic_scenes/tiny', split='train',

@@ -437,3 +437,70 @@ def test_four_devices_equal_one_device(data_dir, tmp_path, compilation_cache):
   assert len(one.files) > 10
   for k in one.files:
     np.testing.assert_allclose(four[k], one[k], atol=1e-5, err_msg=k)
+
+
+def test_selection_chooses_on_held_out_images_and_reports_on_validation(
+    quickstart_run, data_dir):
+  from lvtp_jax.evaluation import selection  # pylint: disable=g-import-not-at-top
+  workdir, _ = quickstart_run
+  config = _config(data_dir)
+  config.eval.progress = False
+  # Nothing exits (full cost: fits no cut), everything exits at the first
+  # head (the cheapest), and LVTP-R with summaries.
+  config.sweep = ({'eval.name': 'nothing_exits', 'pruning.name': 'dtop',
+                   'pruning.dtop.threshold': 1.0},
+                  {'eval.name': 'all_exit', 'pruning.name': 'dtop',
+                   'pruning.dtop.threshold': 0.0, 'pruning.dtop.top_k': 0},
+                  {'eval.name': 'lvtp_sum', 'pruning.name': 'lvtp',
+                   'pruning.exit_summary': 'per_class'})
+  with pytest.raises(ValueError, match='held-out'):
+    selection.run(config, workdir, 'validation', [0.3], 'boundary_miou')
+  # All exit: a 25% cut on this 2-block model; LVTP-R: less than 20%.
+  out = selection.run(config, workdir, 'selection', [0.2, 0.5],
+                      'boundary_miou', buffer=True)
+  grid = {r['name']: r for r in out['grid_rows']}
+  assert sorted(grid) == ['all_exit', 'lvtp_sum', 'nothing_exits', 'unpruned']
+  for row in grid.values():
+    # The tiny config's 8 held-out images, not validation's.
+    assert row['dataset'] == 'synthetic_scenes/tiny:selection'
+    assert row['num_images'] == 8
+  with open(os.path.join(workdir, 'selection', 'results.json')) as f:
+    assert {r['name'] for r in json.load(f)['rows']} == set(grid)
+  # The pick is the best boundary mIoU of the settings at most (1 - cut) of
+  # the unpruned cost on the selection split, recomputed from its rows.
+  full = grid['unpruned']['gflops_effective']
+  assert len(out['picks']) == 4
+  for pick in out['picks']:
+    fits = [r for r in grid.values() if r['policy'] == pick['policy']
+            and r['gflops_effective'] <= (1 - pick['cut']) * full]
+    if fits:
+      assert pick['value'] == max(r['boundary_miou'] for r in fits)
+    else:
+      assert pick['name'] is None
+  assert [p['name'] for p in out['picks']] == ['all_exit', None, None, None]
+  # Evaluated on validation as it was configured, masked and buffer.
+  with open(os.path.join(workdir, 'results.json')) as f:
+    rows = {r['name']: r for r in json.load(f)['rows']}
+  picked, buffered = rows['pick/all_exit'], rows['pick/all_exit/buffer']
+  for row in (picked, buffered):
+    assert row['dataset'] == 'synthetic_scenes/tiny:validation'
+    assert row['selection']['setting'] == 'all_exit'
+    assert row['selection']['split'] == 'selection'
+    assert row['selection']['cuts'] == [0.2]
+    assert row['params']['threshold'] == 0.0 and row['params']['top_k'] == 0
+  assert picked['params']['mode'] == 'masked'
+  assert buffered['params']['mode'] == 'buffer'
+  # The same setting through eval.py on validation gives the same row.
+  import eval as eval_main  # pylint: disable=g-import-not-at-top
+  direct = _config(data_dir)
+  direct.eval.progress = False
+  direct.sweep = ({'eval.name': 'all_exit_direct', 'pruning.name': 'dtop',
+                   'pruning.dtop.threshold': 0.0, 'pruning.dtop.top_k': 0},)
+  row = eval_main.run(direct, workdir)['rows'][-1]
+  assert row['miou'] == pytest.approx(picked['miou'], abs=1e-9)
+  assert row['gflops_effective'] == pytest.approx(picked['gflops_effective'])
+  assert '| 20% | dtop | all_exit |' in out['table']
+  assert '| 50% | lvtp | none this cheap |' in out['table']
+  assert not any(name.startswith('pick/lvtp') for name in rows)
+  with open(os.path.join(workdir, 'selection', 'picks.json')) as f:
+    assert json.load(f)['picks'] == out['picks']

@@ -58,7 +58,7 @@ PALETTE = np.array([
     (240, 120, 20),   # triangle
 ], dtype=np.uint8)
 
-SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
+SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2, 'selection': 3}
 DEFAULT_SIZE = 128
 DEFAULT_DIFFICULTY = 1.0
 
@@ -416,7 +416,7 @@ def generate_example(
   """Generates example `index` of `split` (deterministic, independent).
 
   Args:
-    split: 'train', 'validation' or 'test'.
+    split: 'train', 'validation', 'test' or 'selection'.
     index: example index >= 0.
     size: side S of the square image in pixels.
     difficulty: >= 0; scales small / thin objects, noise, blur and colour

@@ -8,8 +8,15 @@ Preparing needs tensorflow and downloads nothing.
 
 Configs (image size 128, i.e. an 8x8 token grid with 16x16 patches):
 
-* 'default': 4000 train / 500 validation images, difficulty 1.0.
-* 'tiny': 32 train / 16 validation images, for tests.
+* 'default': 4000 train / 500 validation / 500 selection images,
+  difficulty 1.0.
+* 'tiny': 32 train / 16 validation / 8 selection images, for tests.
+
+The 'selection' split is held out from training and from the reported
+numbers: it is where settings (pruning thresholds, LVTP-R's knobs) are
+chosen before they are evaluated on 'validation'
+(lvtp_jax/evaluation/selection.py). Its images are drawn from their own
+generator stream, so 'train' and 'validation' are the same as in 1.0.0.
 
 Typical use:
 
@@ -49,6 +56,7 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
   """Split sizes and generator settings of one `synthetic_scenes` config."""
   num_train: int = 4000
   num_validation: int = 500
+  num_selection: int = 500
   image_size: int = scene_generator.DEFAULT_SIZE
   difficulty: float = scene_generator.DEFAULT_DIFFICULTY
 
@@ -59,15 +67,22 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
   # TFDS 4.9.10 derives code_path with importlib_resources, which it does
   # not install, for builders outside its package; this is the same value.
   code_path = epath.Path(__file__)
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': ('Adds the held-out selection split; train and validation '
+                'are unchanged.'),
+  }
   BUILDER_CONFIGS = [
       SyntheticScenesConfig(
           name='default', num_train=4000, num_validation=500,
-          description='4000 train / 500 validation, 128x128, difficulty 1.'),
+          num_selection=500,
+          description=('4000 train / 500 validation / 500 selection, '
+                       '128x128, difficulty 1.')),
       SyntheticScenesConfig(
-          name='tiny', num_train=32, num_validation=16,
-          description='32 train / 16 validation, 128x128, for tests.'),
+          name='tiny', num_train=32, num_validation=16, num_selection=8,
+          description=('32 train / 16 validation / 8 selection, 128x128, '
+                       'for tests.')),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -94,6 +109,8 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
         'train': self._generate_examples('train', config.num_train),
         'validation': self._generate_examples(
             'validation', config.num_validation),
+        'selection': self._generate_examples(
+            'selection', config.num_selection),
     }
 
   def _generate_examples(self, split: str,

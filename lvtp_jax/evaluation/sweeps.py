@@ -1,5 +1,6 @@
-"""Standard evaluation sweeps (config.sweep): the policy comparison and the
-LVTP ablation, as lists of dotted config overrides, one results row each.
+"""Standard evaluation sweeps (config.sweep): the policy comparison, the
+LVTP ablation and the selection grid, as lists of dotted config overrides,
+one results row each.
 
   config.sweep = sweeps.policy_comparison()
   python eval.py --config configs/quickstart.py:sweep=lvtp_ablation ...
@@ -105,3 +106,41 @@ def lvtp_ablation() -> Sweep:
   ]
   return tuple(dict({'pruning.name': 'lvtp'}, **v, **_NO_MAPS,
                     **{'eval.name': f'lvtp/{name}'}) for name, v in variants)
+
+
+def selection_grid() -> Sweep:
+  """The settings lvtp_jax.evaluation.selection chooses from on held-out
+  images (masked mode): DToP over its one knob, the confidence threshold
+  p0 (0.6-0.95), with and without exit summaries (10 settings); LVTP-R
+  over the knobs that trade cost for quality: the edge pass's clusters k2
+  (2-4), the label-boundary guard (off, 3), no edge pass, a 3-cluster
+  semantic pass and the confidence floor, with exit summaries, and the
+  spec's defaults and k2=3 without them (14 settings). Both policies get
+  a grid of about the same size, and the same cost range."""
+  grid = []
+  for p0 in (0.6, 0.7, 0.8, 0.9, 0.95):
+    dtop = {'pruning.name': 'dtop', 'pruning.dtop.threshold': p0}
+    grid.append((f'dtop_p{p0}', dtop))
+    grid.append((f'dtop_p{p0}_sum', dict(dtop, **SUMMARY)))
+  lvtp = {'pruning.name': 'lvtp'}
+  grid.append(('lvtp', lvtp))
+  grid.append(('lvtp_k3', dict(lvtp, **{'pruning.lvtp.k2': 3})))
+  with_sum = dict(lvtp, **SUMMARY)
+  for k2 in (2, 3, 4):
+    for lb in (0, 3):
+      grid.append((f'lvtp_sum_k{k2}' + (f'_lb{lb}' if lb else ''),
+                   dict(with_sum, **{'pruning.lvtp.k2': k2,
+                                     'pruning.lvtp.label_boundary': lb})))
+  for lb in (0, 3):
+    grid.append(('lvtp_sum_no_edge' + (f'_lb{lb}' if lb else ''),
+                 dict(with_sum, **{'pruning.lvtp.passes': 1,
+                                   'pruning.lvtp.label_boundary': lb})))
+  for k2 in (2, 3):
+    grid.append((f'lvtp_sum_k1_3_k{k2}',
+                 dict(with_sum, **{'pruning.lvtp.k1': 3,
+                                   'pruning.lvtp.k2': k2})))
+  for k2 in (3, 4):
+    grid.append((f'lvtp_sum_k{k2}_floor0.8',
+                 dict(with_sum, **{'pruning.lvtp.k2': k2,
+                                   'pruning.lvtp.conf_floor': 0.8})))
+  return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)
