@@ -49,9 +49,9 @@ def test_grid_is_masked_named_and_on_the_held_out_split():
   assert grid[0]['eval.name'] == 'unpruned'
   assert all(g['data.split'] == 'selection' for g in grid)
   names = [g['eval.name'] for g in grid]
-  assert len(set(names)) == len(names) == 25
+  assert len(set(names)) == len(names) == 41
   policies = [g.get('pruning.name') for g in grid[1:]]
-  assert policies.count('dtop') == 10 and policies.count('lvtp') == 14
+  assert policies.count('dtop') == 20 and policies.count('lvtp') == 20
   with pytest.raises(ValueError, match='not in masked mode'):
     selection.grid_overrides(ml_collections.ConfigDict(dict(sweep=(
         dict(sweeps.BUFFER, **{'eval.name': 'x', 'pruning.name': 'dtop'}),))),

@@ -110,18 +110,29 @@ def lvtp_ablation() -> Sweep:
 
 def selection_grid() -> Sweep:
   """The settings lvtp_jax.evaluation.selection chooses from on held-out
-  images (masked mode): DToP over its one knob, the confidence threshold
-  p0 (0.6-0.95), with and without exit summaries (10 settings); LVTP-R
-  over the knobs that trade cost for quality: the edge pass's clusters k2
-  (2-4), the label-boundary guard (off, 3), no edge pass, a 3-cluster
-  semantic pass and the confidence floor, with exit summaries, and the
-  spec's defaults and k2=3 without them (14 settings). Both policies get
-  a grid of about the same size, and the same cost range."""
+  images (masked mode), about 20 per policy over the same cost range.
+
+  DToP: its confidence threshold p0 from 0.5 to 0.95, with and without
+  exit summaries, and its context rule (top_k 0 or 10 instead of 5) at
+  p0 0.8 with summaries (20 settings).
+  LVTP-R, over the knobs of the spec's tuning table (§4) that trade cost
+  for quality: the edge pass's clusters k2 (2-4) and the label-boundary
+  guard (off, 3); no edge pass; a 3-cluster semantic pass; the confidence
+  floor; the edge pass's gap guard gap2 (0.15, 0.3: rescue nothing unless
+  the edge clusters separate by that much, the knob that moves the cost
+  between k2=2 and k2=3 settings); Sobel max and density pooling; all with
+  exit summaries; and the spec's defaults and k2=3 without them (20
+  settings).
+  """
   grid = []
-  for p0 in (0.6, 0.7, 0.8, 0.9, 0.95):
+  for p0 in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
     dtop = {'pruning.name': 'dtop', 'pruning.dtop.threshold': p0}
     grid.append((f'dtop_p{p0}', dtop))
     grid.append((f'dtop_p{p0}_sum', dict(dtop, **SUMMARY)))
+  for top_k in (0, 10):
+    grid.append((f'dtop_p0.8_sum_top{top_k}', dict(
+        SUMMARY, **{'pruning.name': 'dtop', 'pruning.dtop.threshold': 0.8,
+                    'pruning.dtop.top_k': top_k})))
   lvtp = {'pruning.name': 'lvtp'}
   grid.append(('lvtp', lvtp))
   grid.append(('lvtp_k3', dict(lvtp, **{'pruning.lvtp.k2': 3})))
@@ -143,4 +154,12 @@ def selection_grid() -> Sweep:
     grid.append((f'lvtp_sum_k{k2}_floor0.8',
                  dict(with_sum, **{'pruning.lvtp.k2': k2,
                                    'pruning.lvtp.conf_floor': 0.8})))
+  for k2 in (2, 3):
+    for gap2 in (0.15, 0.3):
+      grid.append((f'lvtp_sum_k{k2}_gap{gap2}',
+                   dict(with_sum, **{'pruning.lvtp.k2': k2,
+                                     'pruning.lvtp.gap2': gap2})))
+  for pool in ('max', 'density'):
+    grid.append((f'lvtp_sum_{pool}', dict(with_sum, **{
+        'pruning.lvtp.edge_pool': pool})))
   return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)
