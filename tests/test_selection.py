@@ -62,3 +62,20 @@ def test_grid_is_masked_named_and_on_the_held_out_split():
   with pytest.raises(ValueError, match='config.sweep is empty'):
     selection.grid_overrides(ml_collections.ConfigDict(dict(sweep=())),
                              'selection')
+
+
+def test_grid_rows_are_reused_only_for_the_same_setting_and_weights(tmp_path):
+  from lvtp_jax.evaluation import results  # pylint: disable=g-import-not-at-top
+  grid = ({'eval.name': 'a', 'pruning.name': 'dtop',
+           'pruning.dtop.threshold': 0.9, 'pruning.lvtp.qs': (1.0,)},
+          {'eval.name': 'b', 'pruning.name': 'dtop',
+           'pruning.dtop.threshold': 0.8})
+  rows = [dict(name=g['eval.name'], policy='dtop', weights='ckpt/3',
+               setting=selection._jsonable(g)) for g in grid]  # pylint: disable=protected-access
+  results.write(str(tmp_path), rows)
+  reuse = selection._reusable_rows  # pylint: disable=protected-access
+  assert set(reuse(str(tmp_path), grid, 'ckpt/3')) == {'a', 'b'}
+  assert reuse(str(tmp_path), grid, 'ckpt/4') == {}
+  changed = (grid[0], dict(grid[1], **{'pruning.dtop.threshold': 0.7}))
+  assert set(reuse(str(tmp_path), changed, 'ckpt/3')) == {'a'}
+  assert reuse(str(tmp_path / 'missing'), grid, 'ckpt/3') == {}

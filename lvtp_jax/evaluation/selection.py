@@ -12,7 +12,9 @@ whichever policy has more knobs. This is the honest protocol instead:
    training nor in the reported numbers; for a real dataset, a slice of
    'train' that the training run left out, e.g. --split='train[-500:]'
    after training on config.data.train_split='train[:-500]'). Those rows
-   go to WORKDIR/selection/results.json, with their own Pareto plots.
+   go to WORKDIR/selection/results.json, with their own Pareto plots
+   (--reuse_grid takes the rows an earlier run evaluated with the same
+   setting and weights instead).
 2. For every policy of the grid and every cut c of `--cuts`, the chosen
    setting is the one with the best `--metric` on that split among those
    whose effective GFLOPs are at most (1 - c) x the unpruned model's on the
@@ -172,22 +174,59 @@ def markdown(picks: Sequence[Dict[str, Any]], grid_rows, val_rows,
   return '\n'.join(lines)
 
 
+def _jsonable(setting: Dict[str, Any]) -> Dict[str, Any]:
+  """A grid setting as results.json stores it (tuples become lists)."""
+  return json.loads(json.dumps(setting))
+
+
+def _reusable_rows(sel_dir: str, grid: Sequence[Dict[str, Any]],
+                   weights: str) -> Dict[str, Dict[str, Any]]:
+  """Rows of an earlier run in sel_dir/results.json that evaluated the same
+  grid setting (every override equal) with the same weights."""
+  path = os.path.join(sel_dir, 'results.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = {r['name']: r for r in json.load(f).get('rows', [])}
+  out = {}
+  for g in grid:
+    row = old.get(g['eval.name'])
+    if (row is not None and row.get('setting') == _jsonable(g)
+        and row.get('weights') == weights):
+      out[g['eval.name']] = row
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, split: str,
-        cuts: Sequence[float], metric: str, buffer: bool = True
-        ) -> Dict[str, Any]:
-  """The whole protocol; returns dict(picks, grid_rows, rows, table)."""
+        cuts: Sequence[float], metric: str, buffer: bool = True,
+        reuse_grid: bool = False) -> Dict[str, Any]:
+  """The whole protocol; returns dict(picks, grid_rows, rows, table).
+
+  reuse_grid: take the grid rows an earlier run left in
+  WORKDIR/selection/results.json when their setting (every override) and
+  weights are the same, instead of evaluating them again (to choose at
+  other cuts or by another metric; the code must not have changed since).
+  """
   if split == config.data.split:
     raise ValueError(f'--split={split!r} is the split the picks are reported '
                      'on (config.data.split): choose on held-out images, e.g. '
                      "--split=selection for synthetic_scenes.")
   model, params, prep, source = segmentation.build_model(config, workdir)
   grid = grid_overrides(config, split)
-  grid_config = ml_collections.ConfigDict(config.to_dict())
-  grid_config.sweep = grid
-  grid_rows, _ = segmentation.evaluate_sweep(grid_config, model, params, prep,
-                                             weights=source)
   sel_dir = os.path.join(workdir, 'selection')
-  out = results.write(sel_dir, grid_rows, merge=True)
+  done = _reusable_rows(sel_dir, grid, source) if reuse_grid else {}
+  todo = tuple(g for g in grid if g['eval.name'] not in done)
+  fresh = []
+  if todo:
+    grid_config = ml_collections.ConfigDict(config.to_dict())
+    grid_config.sweep = todo
+    fresh, _ = segmentation.evaluate_sweep(grid_config, model, params, prep,
+                                           weights=source)
+    for row, setting in zip(fresh, todo):
+      row['setting'] = _jsonable(setting)
+  by_name = dict(done, **{r['name']: r for r in fresh})
+  grid_rows = [by_name[g['eval.name']] for g in grid]
+  out = results.write(sel_dir, fresh, merge=True)
   plots.write_figures(sel_dir, out['rows'], None)
 
   picks = choose(grid_rows, cuts, metric)
@@ -226,7 +265,7 @@ def main(argv):
   if not f['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   out = run(f.config, f.workdir, f.split, [float(c) for c in f.cuts],
-            f.metric, f.buffer)
+            f.metric, f.buffer, f.reuse_grid)
   print(out['table'])
   print(f'wrote {f.workdir}/selection/results.json, '
         f'{f.workdir}/selection/picks.json and the pick rows of '
@@ -246,6 +285,8 @@ def define_flags(default_split: Optional[str] = 'selection') -> None:
                     'what the pick maximises')
   flags.DEFINE_bool('buffer', True, 'also evaluate every pick in buffer mode '
                     '(speed-up)')
+  flags.DEFINE_bool('reuse_grid', False, 'reuse the grid rows of an earlier '
+                    'run with the same settings and weights (run())')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
