@@ -1,6 +1,7 @@
 """synthetic_scenes: determinism, content, and the prepared TFDS dataset."""
 
 import numpy as np
+import pytest
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
@@ -86,3 +87,26 @@ def test_preview_writes_a_png(tmp_path):
   path = tmp_path / 'preview.png'
   synthetic_scenes.save_preview(str(path), indices=(0, 1))
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_edge_statistics_match_a_direct_count():
+  out = synthetic_scenes.edge_statistics(3)
+  assert 0 <= out['auc'] <= 1 and 0 <= out['top30_single'] <= 1
+  # The AUC is the probability that a multi-class patch outscores a
+  # single-class one: count the pairs directly (scipy-free reference).
+  from lvtp_jax.pruning import lowlevel  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  scores, multi = [], []
+  for i in range(3):
+    image, label = gen.generate_example('validation', i)
+    y = lowlevel.luma(jnp.asarray(image[None], jnp.float32) / 255)
+    e = np.asarray(lowlevel.minmax(lowlevel.patch_pool(
+        lowlevel.sobel_magnitude(y), 16, 'mean'))).ravel()
+    scores.append(e)
+    multi.append([len(np.unique(label[r:r + 16, c:c + 16])) > 1
+                  for r in range(0, 128, 16) for c in range(0, 128, 16)])
+  s, m = np.concatenate(scores), np.concatenate(multi)
+  pairs = s[m][:, None] - s[~m][None, :]
+  want = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
+  assert out['auc'] == pytest.approx(want, abs=1e-9)
+  assert out['mean_multi'] == pytest.approx(s[m].mean(), rel=1e-6)

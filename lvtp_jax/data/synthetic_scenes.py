@@ -32,6 +32,7 @@ Command line:
   python -m lvtp_jax.data.prepare synthetic_scenes[/tiny] --data_dir DATA_DIR
   python -m lvtp_jax.data.synthetic_scenes --preview docs/synthetic_scenes.png
   python -m lvtp_jax.data.synthetic_scenes --stats 200
+  python -m lvtp_jax.data.synthetic_scenes --edge-stats 200
 """
 
 import argparse
@@ -197,6 +198,41 @@ def mean_hard_patch_fraction(
       for i in range(count)]))
 
 
+def edge_statistics(count: int, split: str = 'validation',
+                    patch: int = 16) -> dict:
+  """How well LVTP-R's per-patch Sobel edge score finds boundary patches.
+
+  Over the first `count` images: the score of lvtp_jax.pruning.lowlevel
+  (luma, Sobel magnitude, patch mean, per-image min-max) against whether
+  the patch holds more than one class. Returns dict(auc (ROC AUC of the
+  score for multi-class patches), mean_single / mean_multi (mean score of
+  single- and multi-class patches), top30_single (share of single-class
+  patches among the 30% highest-scoring ones)).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.pruning import lowlevel  # pylint: disable=g-import-not-at-top
+  scores, multi = [], []
+  for i in range(count):
+    image, label = generate_example(split, i)
+    y = lowlevel.luma(jnp.asarray(image[None], jnp.float32) / 255)
+    e = lowlevel.minmax(lowlevel.patch_pool(lowlevel.sobel_magnitude(y),
+                                            patch, 'mean'))
+    scores.append(np.asarray(e).ravel())
+    s = label.shape[0] // patch
+    tiles = label[:s * patch, :s * patch].reshape(s, patch, s, patch)
+    tiles = tiles.transpose(0, 2, 1, 3).reshape(s * s, -1)
+    multi.append(tiles.min(axis=1) != tiles.max(axis=1))
+  score, pos = np.concatenate(scores), np.concatenate(multi)
+  ranks = np.empty(len(score))
+  ranks[np.argsort(score, kind='stable')] = np.arange(1, len(score) + 1)
+  n1, n0 = int(pos.sum()), int((~pos).sum())
+  auc = (ranks[pos].sum() - n1 * (n1 + 1) / 2) / max(n1 * n0, 1)
+  top = score >= np.quantile(score, 0.7)
+  return dict(auc=float(auc), mean_single=float(score[~pos].mean()),
+              mean_multi=float(score[pos].mean()),
+              top30_single=float((~pos[top]).mean()))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preview', metavar='PNG',
@@ -204,13 +240,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--stats', type=int, metavar='N',
                       help='print the mean hard-patch fraction of N '
                       'validation images')
+  parser.add_argument('--edge-stats', type=int, metavar='N',
+                      help='how well the Sobel edge score of LVTP-R finds '
+                      'multi-class patches, over N validation images')
   parser.add_argument('--difficulty', type=float,
                       default=scene_generator.DEFAULT_DIFFICULTY,
                       help='difficulty for --preview and --stats')
   args = parser.parse_args(argv)
-  if not (args.preview or args.stats):
-    parser.error('nothing to do: give --preview or --stats (prepare with '
-                 'python -m lvtp_jax.data.prepare synthetic_scenes).')
+  if not (args.preview or args.stats or args.edge_stats):
+    parser.error('nothing to do: give --preview, --stats or --edge-stats '
+                 '(prepare with python -m lvtp_jax.data.prepare '
+                 'synthetic_scenes).')
   if args.preview:
     save_preview(args.preview, difficulty=args.difficulty)
     print(f'wrote {args.preview}')
@@ -219,6 +259,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                         difficulty=args.difficulty)
     print(f'mean hard-patch fraction over {args.stats} validation images '
           f'(difficulty {args.difficulty}): {fraction:.3f}')
+  if args.edge_stats:
+    out = edge_statistics(args.edge_stats)
+    print(f'Sobel edge score (patch mean, min-max per image) over '
+          f'{args.edge_stats} validation images: ROC AUC for multi-class '
+          f'patches {out["auc"]:.3f}; mean score single-class '
+          f'{out["mean_single"]:.3f}, multi-class {out["mean_multi"]:.3f}; '
+          f'single-class share of the 30% highest scores '
+          f'{out["top30_single"]:.3f}')
 
 
 if __name__ == '__main__':
