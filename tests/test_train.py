@@ -261,15 +261,20 @@ def test_eval_py_evaluates_the_latest_training_checkpoint(quickstart_run,
     eval_main.run(empty, str(tmp_path))
 
 
+# DToP settings where nothing exits, and where every patch exits at the
+# first head.
+_EXTREMES = ({'eval.name': 'nothing_exits', 'pruning.name': 'dtop',
+              'pruning.dtop.threshold': 1.0},
+             {'eval.name': 'all_exit', 'pruning.name': 'dtop',
+              'pruning.dtop.threshold': 0.0, 'pruning.dtop.top_k': 0})
+
+
 def test_loss_split_of_a_pruned_setting(quickstart_run, data_dir):
   from lvtp_jax.evaluation import loss_split  # pylint: disable=g-import-not-at-top
   workdir, _ = quickstart_run
   config = _config(data_dir)
   config.eval.progress = False
-  config.sweep = ({'eval.name': 'nothing_exits', 'pruning.name': 'dtop',
-                   'pruning.dtop.threshold': 1.0},
-                  {'eval.name': 'all_exit', 'pruning.name': 'dtop',
-                   'pruning.dtop.threshold': 0.0, 'pruning.dtop.top_k': 0})
+  config.sweep = _EXTREMES
   none, every = loss_split.run(config, workdir, ['nothing_exits', 'all_exit'])
   base = none['unpruned']['miou']
   # Nothing exits: all three ways are the unpruned model.
@@ -447,12 +452,8 @@ def test_selection_chooses_on_held_out_images_and_reports_on_validation(
   config.eval.progress = False
   # Nothing exits (full cost: fits no cut), everything exits at the first
   # head (the cheapest), and LVTP-R with summaries.
-  config.sweep = ({'eval.name': 'nothing_exits', 'pruning.name': 'dtop',
-                   'pruning.dtop.threshold': 1.0},
-                  {'eval.name': 'all_exit', 'pruning.name': 'dtop',
-                   'pruning.dtop.threshold': 0.0, 'pruning.dtop.top_k': 0},
-                  {'eval.name': 'lvtp_sum', 'pruning.name': 'lvtp',
-                   'pruning.exit_summary': 'per_class'})
+  config.sweep = _EXTREMES + ({'eval.name': 'lvtp_sum', 'pruning.name': 'lvtp',
+                               'pruning.exit_summary': 'per_class'},)
   with pytest.raises(ValueError, match='held-out'):
     selection.run(config, workdir, 'validation', [0.3], 'boundary_miou')
   # All exit: a 25% cut on this 2-block model; LVTP-R: less than 20%.
@@ -494,8 +495,7 @@ def test_selection_chooses_on_held_out_images_and_reports_on_validation(
   import eval as eval_main  # pylint: disable=g-import-not-at-top
   direct = _config(data_dir)
   direct.eval.progress = False
-  direct.sweep = ({'eval.name': 'all_exit_direct', 'pruning.name': 'dtop',
-                   'pruning.dtop.threshold': 0.0, 'pruning.dtop.top_k': 0},)
+  direct.sweep = (dict(_EXTREMES[1], **{'eval.name': 'all_exit_direct'}),)
   row = eval_main.run(direct, workdir)['rows'][-1]
   assert row['miou'] == pytest.approx(picked['miou'], abs=1e-9)
   assert row['gflops_effective'] == pytest.approx(picked['gflops_effective'])

@@ -439,23 +439,27 @@ def generate_example(
   return _photometric(canvas), canvas.label
 
 
-def hard_patch_fraction(label: np.ndarray, patch: int = 16) -> float:
-  """Fraction of patch x patch tiles of `label` that hold more than one class.
+def hard_patches(label: np.ndarray, patch: int = 16) -> np.ndarray:
+  """Which patch x patch tiles of `label` hold more than one class.
 
   Args:
     label: integer [H, W] label map; H and W multiples of `patch`.
     patch: tile side in pixels (the ViT patch size).
 
   Returns:
-    The fraction in [0, 1] of "hard" tiles.
+    bool [H / patch, W / patch], True for the "hard" (multi-class) tiles.
   """
   h, w = label.shape
   if h % patch or w % patch:
     raise ValueError(f'label shape {label.shape} is not a multiple of the '
                      f'patch size {patch}.')
   tiles = label.reshape(h // patch, patch, w // patch, patch)
-  mixed = tiles.min(axis=(1, 3)) != tiles.max(axis=(1, 3))
-  return float(mixed.mean())
+  return tiles.min(axis=(1, 3)) != tiles.max(axis=(1, 3))
+
+
+def hard_patch_fraction(label: np.ndarray, patch: int = 16) -> float:
+  """Fraction in [0, 1] of the tiles `hard_patches` marks."""
+  return float(hard_patches(label, patch).mean())
 
 
 def colourize(label: np.ndarray) -> np.ndarray:

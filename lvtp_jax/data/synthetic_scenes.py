@@ -218,10 +218,7 @@ def edge_statistics(count: int, split: str = 'validation',
     e = lowlevel.minmax(lowlevel.patch_pool(lowlevel.sobel_magnitude(y),
                                             patch, 'mean'))
     scores.append(np.asarray(e).ravel())
-    s = label.shape[0] // patch
-    tiles = label[:s * patch, :s * patch].reshape(s, patch, s, patch)
-    tiles = tiles.transpose(0, 2, 1, 3).reshape(s * s, -1)
-    multi.append(tiles.min(axis=1) != tiles.max(axis=1))
+    multi.append(scene_generator.hard_patches(label, patch).ravel())
   score, pos = np.concatenate(scores), np.concatenate(multi)
   ranks = np.empty(len(score))
   ranks[np.argsort(score, kind='stable')] = np.arange(1, len(score) + 1)
