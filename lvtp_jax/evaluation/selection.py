@@ -243,12 +243,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, split: str,
           split=split, metric=metric, setting=chosen_for[0]['name'],
           cuts=[p['cut'] for p in chosen_for], value=chosen_for[0]['value'],
           gflops_effective=chosen_for[0]['gflops_effective'])
-  # The unpruned row of results.json is the training run's; ours only
-  # serves the table when there is none.
-  fresh = [r for r in rows if r['name'] != 'unpruned']
-  merged = results.write(workdir, fresh, merge=True)
-  if not any(r['name'] == 'unpruned' for r in merged['rows']):
-    merged = results.write(workdir, rows, merge=True)
+  # The 'unpruned' row (the cuts on validation are measured from it)
+  # replaces one an earlier sweep wrote: same model, same quality.
+  merged = results.write(workdir, rows, merge=True)
   plots.write_figures(workdir, [r for r in merged['rows'] if 'miou' in r],
                       None)
   with open(os.path.join(sel_dir, 'picks.json'), 'w') as f:
