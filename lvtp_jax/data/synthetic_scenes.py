@@ -41,6 +41,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 from etils import epath
 import numpy as np
+from scipy import stats
 import tensorflow_datasets as tfds
 
 from lvtp_jax.data import scene_generator
@@ -220,8 +221,7 @@ def edge_statistics(count: int, split: str = 'validation',
     scores.append(np.asarray(e).ravel())
     multi.append(scene_generator.hard_patches(label, patch).ravel())
   score, pos = np.concatenate(scores), np.concatenate(multi)
-  ranks = np.empty(len(score))
-  ranks[np.argsort(score, kind='stable')] = np.arange(1, len(score) + 1)
+  ranks = stats.rankdata(score)  # tied scores share their mean rank
   n1, n0 = int(pos.sum()), int((~pos).sum())
   auc = (ranks[pos].sum() - n1 * (n1 + 1) / 2) / max(n1 * n0, 1)
   top = score >= np.quantile(score, 0.7)

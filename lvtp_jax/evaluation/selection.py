@@ -34,7 +34,7 @@ Nothing is chosen by looking at validation numbers.
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -269,12 +269,12 @@ def main(argv):
         f'{f.workdir}/results.json')
 
 
-def define_flags(default_split: Optional[str] = 'selection') -> None:
+def _define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'experiment config whose '
                                   'sweep is the grid', lock_config=False)
   flags.DEFINE_string('workdir', None, 'training workdir (its checkpoint is '
                       'evaluated, its results.json receives the picks)')
-  flags.DEFINE_string('split', default_split, 'held-out split the settings '
+  flags.DEFINE_string('split', 'selection', 'held-out split the settings '
                       'are chosen on')
   flags.DEFINE_list('cuts', ['0.3', '0.4'], 'effective-GFLOPs cuts, as '
                     'fractions of the unpruned model')
@@ -289,5 +289,5 @@ def define_flags(default_split: Optional[str] = 'selection') -> None:
 
 if __name__ == '__main__':
   # Defined here, not at import: eval.py defines flags of the same names.
-  define_flags()
+  _define_flags()
   app.run(main)
