@@ -257,6 +257,44 @@ def test_edge_scores_undo_the_normalisation():
   assert both.shape == (2, 4) and float(both.min()) >= 0
 
 
+@pytest.mark.parametrize('color,scale,pool', [('rgb', 1, 'mean'),
+                                               ('rgb', 4, 'max'),
+                                               ('luma', 2, 'mean')])
+def test_colour_and_coarse_edge_scores_match_scipy(color, scale, pool):
+  rng = np.random.default_rng(4)
+  rgb = rng.random((2, 16, 32, 3)).astype(np.float32)
+  # Equal luma, different hue: a colour edge the luma score cannot see.
+  rgb[1] = 0.4
+  rgb[1, :, 16:] = [0.4 + 0.114 * 0.5, 0.4, 0.4 - 0.299 * 0.5]
+  mean, std = (np.asarray(NORM[k], np.float32) for k in ('mean', 'std'))
+  images = (rgb - mean) / std
+  e = np.asarray(lowlevel.edge_scores(images, (mean, std), 8, pool=pool,
+                                      color=color, scale=scale))
+  # SciPy reference: block means (s x s), then Sobel per channel, largest.
+  h, w = 16 // scale, 32 // scale
+  small = rgb.astype(np.float64).reshape(2, h, scale, w, scale, 3).mean(
+      (2, 4))
+  chans = ([small @ np.array([0.299, 0.587, 0.114])] if color == 'luma'
+           else [small[..., c] for c in range(3)])
+  g = np.max([_scipy_sobel(c) for c in chans], axis=0)
+  p = 8 // scale
+  blocks = g.reshape(2, 2, p, 4, p).transpose(0, 1, 3, 2, 4).reshape(2, 8, -1)
+  pooled = blocks.mean(-1) if pool == 'mean' else blocks.max(-1)
+  lo, hi = pooled.min(1, keepdims=True), pooled.max(1, keepdims=True)
+  want = (pooled - lo) / (hi - lo + 1e-6)
+  # Image 1: an isoluminant step between patch columns 1 and 2.
+  if color == 'rgb':
+    np.testing.assert_allclose(e, want, atol=1e-4)
+    assert e[1, [1, 2, 5, 6]].min() > 0.99 > 0.01 > e[1, [0, 3, 4, 7]].max()
+  else:   # the luma score is blind to it (min-max of rounding noise)
+    np.testing.assert_allclose(e[0], want[0], atol=1e-4)
+    assert np.ptp(pooled[1]) < 1e-6
+  with pytest.raises(ValueError, match='edge_scale=3 must be >= 1 and divide'):
+    lowlevel.edge_scores(images, (mean, std), 8, scale=3)
+  with pytest.raises(ValueError, match='edge_color'):
+    lowlevel.edge_scores(images, (mean, std), 8, color='hsv')
+
+
 # ----------------------------------------------------------------------------
 # The decisions against a NumPy re-statement.
 # ----------------------------------------------------------------------------
@@ -433,6 +471,8 @@ def test_config_defaults_and_errors():
       (dict(k1=1), 'at least 2 clusters'), (dict(iters=0), 'iters'),
       (dict(gap1=-0.1), 'gap1'), (dict(conf_floor=1.5), 'conf_floor'),
       (dict(edge_pool='median'), 'edge_pool'),
+      (dict(edge_color='lab'), 'edge_color'),
+      (dict(edge_scale=0), 'edge_scale'),
       (dict(lowlevel=('hog',)), 'lowlevel'),
       (dict(spatial_scales=(2,)), 'spatial_scales'),
       (dict(max_exit_frac=(0.5, 0.5, 0.5)), 'one per stage boundary'),

@@ -49,9 +49,12 @@ def test_grid_is_masked_named_and_on_the_held_out_split():
   assert grid[0]['eval.name'] == 'unpruned'
   assert all(g['data.split'] == 'selection' for g in grid)
   names = [g['eval.name'] for g in grid]
-  assert len(set(names)) == len(names) == 41
+  assert len(set(names)) == len(names) == 52
   policies = [g.get('pruning.name') for g in grid[1:]]
-  assert policies.count('dtop') == 20 and policies.count('lvtp') == 20
+  assert policies.count('dtop') == 20 and policies.count('lvtp') == 31
+  colour = [g for g in grid if g.get('pruning.lvtp.edge_color') == 'rgb']
+  assert len(colour) == 11 and all(g['pruning.lvtp.edge_scale'] == 4
+                                   for g in colour)
   with pytest.raises(ValueError, match='not in masked mode'):
     selection.grid_overrides(ml_collections.ConfigDict(dict(sweep=(
         dict(sweeps.BUFFER, **{'eval.name': 'x', 'pruning.name': 'dtop'}),))),

@@ -110,3 +110,22 @@ def test_edge_statistics_match_a_direct_count():
   want = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
   assert out['auc'] == pytest.approx(want, abs=1e-9)
   assert out['mean_multi'] == pytest.approx(s[m].mean(), rel=1e-6)
+
+
+def test_edge_statistics_pass_the_split_and_score_options():
+  from lvtp_jax.pruning import lowlevel  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  out = synthetic_scenes.edge_statistics(2, 'selection', pool='max',
+                                         color='rgb', scale=4)
+  scores, multi = [], []
+  for i in range(2):
+    image, label = gen.generate_example('selection', i)
+    scores.append(np.asarray(lowlevel.edge_scores(
+        jnp.asarray(image[None], jnp.float32) / 255, ((0.,) * 3, (1.,) * 3),
+        16, pool='max', color='rgb', scale=4)).ravel())
+    multi.append(gen.hard_patches(label).ravel())
+  s, m = np.concatenate(scores), np.concatenate(multi)
+  pairs = s[m][:, None] - s[~m][None, :]
+  want = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
+  assert out['auc'] == pytest.approx(want, abs=1e-9)
+  assert out != synthetic_scenes.edge_statistics(2, 'selection')

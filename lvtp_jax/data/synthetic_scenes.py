@@ -200,11 +200,13 @@ def mean_hard_patch_fraction(
 
 
 def edge_statistics(count: int, split: str = 'validation',
-                    patch: int = 16) -> dict:
+                    patch: int = 16, *, pool: str = 'mean',
+                    color: str = 'luma', scale: int = 1) -> dict:
   """How well LVTP-R's per-patch Sobel edge score finds boundary patches.
 
-  Over the first `count` images: the score of lvtp_jax.pruning.lowlevel
-  (luma, Sobel magnitude, patch mean, per-image min-max) against whether
+  Over the first `count` images of `split`: the score of
+  lvtp_jax.pruning.lowlevel.edge_scores (luma or colour Sobel magnitude at
+  block scale `scale`, `pool` per patch, per-image min-max) against whether
   the patch holds more than one class. Returns dict(auc (ROC AUC of the
   score for multi-class patches), mean_single / mean_multi (mean score of
   single- and multi-class patches), top30_single (share of single-class
@@ -215,9 +217,9 @@ def edge_statistics(count: int, split: str = 'validation',
   scores, multi = [], []
   for i in range(count):
     image, label = generate_example(split, i)
-    y = lowlevel.luma(jnp.asarray(image[None], jnp.float32) / 255)
-    e = lowlevel.minmax(lowlevel.patch_pool(lowlevel.sobel_magnitude(y),
-                                            patch, 'mean'))
+    e = lowlevel.edge_scores(jnp.asarray(image[None], jnp.float32) / 255,
+                             ((0.0,) * 3, (1.0,) * 3), patch, pool=pool,
+                             color=color, scale=scale)
     scores.append(np.asarray(e).ravel())
     multi.append(scene_generator.hard_patches(label, patch).ravel())
   score, pos = np.concatenate(scores), np.concatenate(multi)
@@ -239,7 +241,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       'validation images')
   parser.add_argument('--edge-stats', type=int, metavar='N',
                       help='how well the Sobel edge score of LVTP-R finds '
-                      'multi-class patches, over N validation images')
+                      'multi-class patches, over N images of --split')
+  parser.add_argument('--split', default='validation',
+                      help='split of --edge-stats (validation, selection)')
+  parser.add_argument('--edge-pool', default='mean',
+                      help='--edge-stats: config.pruning.lvtp.edge_pool')
+  parser.add_argument('--edge-color', default='luma',
+                      help='--edge-stats: config.pruning.lvtp.edge_color')
+  parser.add_argument('--edge-scale', type=int, default=1,
+                      help='--edge-stats: config.pruning.lvtp.edge_scale')
   parser.add_argument('--difficulty', type=float,
                       default=scene_generator.DEFAULT_DIFFICULTY,
                       help='difficulty for --preview and --stats')
@@ -257,9 +267,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f'mean hard-patch fraction over {args.stats} validation images '
           f'(difficulty {args.difficulty}): {fraction:.3f}')
   if args.edge_stats:
-    out = edge_statistics(args.edge_stats)
-    print(f'Sobel edge score (patch mean, min-max per image) over '
-          f'{args.edge_stats} validation images: ROC AUC for multi-class '
+    out = edge_statistics(args.edge_stats, args.split, pool=args.edge_pool,
+                          color=args.edge_color, scale=args.edge_scale)
+    print(f'Sobel edge score ({args.edge_color}, scale {args.edge_scale}, '
+          f'patch {args.edge_pool}, min-max per image) over '
+          f'{args.edge_stats} {args.split} images: ROC AUC for multi-class '
           f'patches {out["auc"]:.3f}; mean score single-class '
           f'{out["mean_single"]:.3f}, multi-class {out["mean_multi"]:.3f}; '
           f'single-class share of the 30% highest scores '

@@ -26,6 +26,9 @@ LVTP_CONTEXT = {'pruning.lvtp.keep_topk_per_class': 5}
 # The exiting patches of each predicted class leave one merged summary slot
 # behind (config.pruning.exit_summary; ours, not from either paper).
 SUMMARY = {'pruning.exit_summary': 'per_class'}
+# The coarse colour edge score (ours): the largest R, G, B Sobel magnitude on
+# 4 x 4 pixel block means, in place of the spec's luma Sobel on the pixels.
+COLOUR_EDGES = {'pruning.lvtp.edge_color': 'rgb', 'pruning.lvtp.edge_scale': 4}
 
 
 def policy_comparison() -> Sweep:
@@ -103,6 +106,9 @@ def lvtp_ablation() -> Sweep:
                                             'pruning.lvtp.max_exit_frac':
                                                 (0.3,)})),
       ('interpolate', {'pruning.lvtp.pruned_fill': 'interpolate'}),
+      ('rgb4', COLOUR_EDGES),
+      ('sum_rgb4', dict(SUMMARY, **COLOUR_EDGES)),
+      ('sum_rgb4_k3', dict(SUMMARY, **COLOUR_EDGES, **{'pruning.lvtp.k2': 3})),
   ]
   return tuple(dict({'pruning.name': 'lvtp'}, **v, **_NO_MAPS,
                     **{'eval.name': f'lvtp/{name}'}) for name, v in variants)
@@ -110,7 +116,8 @@ def lvtp_ablation() -> Sweep:
 
 def selection_grid() -> Sweep:
   """The settings lvtp_jax.evaluation.selection chooses from on held-out
-  images (masked mode), about 20 per policy over the same cost range.
+  images (masked mode): 20 DToP and 31 LVTP-R settings over the same cost
+  range.
 
   DToP: its confidence threshold p0 from 0.5 to 0.95, with and without
   exit summaries, and its context rule (top_k 0 or 10 instead of 5) at
@@ -122,7 +129,9 @@ def selection_grid() -> Sweep:
   the edge clusters separate by that much, the knob that moves the cost
   between k2=2 and k2=3 settings); Sobel max and density pooling; all with
   exit summaries; and the spec's defaults and k2=3 without them (20
-  settings).
+  settings). Then the same knobs with the coarse colour edge score
+  (COLOUR_EDGES, `_rgb4`): k2 2-4 with and without the label-boundary
+  guard, gap2 0.15 / 0.3, max pooling, and without summaries (11 settings).
   """
   grid = []
   for p0 in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
@@ -162,4 +171,18 @@ def selection_grid() -> Sweep:
   for pool in ('max', 'density'):
     grid.append((f'lvtp_sum_{pool}', dict(with_sum, **{
         'pruning.lvtp.edge_pool': pool})))
+  colour = dict(with_sum, **COLOUR_EDGES)
+  grid.append(('lvtp_rgb4', dict(lvtp, **COLOUR_EDGES)))
+  for k2 in (2, 3, 4):
+    for lb in (0, 3):
+      grid.append((f'lvtp_sum_rgb4_k{k2}' + (f'_lb{lb}' if lb else ''),
+                   dict(colour, **{'pruning.lvtp.k2': k2,
+                                   'pruning.lvtp.label_boundary': lb})))
+  for gap2 in (0.15, 0.3):
+    grid.append((f'lvtp_sum_rgb4_k2_gap{gap2}',
+                 dict(colour, **{'pruning.lvtp.gap2': gap2})))
+  for k2 in (2, 3):
+    grid.append((f'lvtp_sum_rgb4_max_k{k2}',
+                 dict(colour, **{'pruning.lvtp.edge_pool': 'max',
+                                 'pruning.lvtp.k2': k2})))
   return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)

@@ -8,7 +8,9 @@ the spec's default. Training-free: it runs on a model whose auxiliary heads
 were trained (phase 1), with no pruning fine-tune.
 
 Once per forward (per image, per window in sliding-window inference), a
-low-level score e_n in [0, 1] per patch from Sobel edges (lowlevel.py). At
+low-level score e_n in [0, 1] per patch from Sobel edges (lowlevel.py; the
+spec's luma Sobel, or ours: edge_color='rgb' and edge_scale, colour edges
+at a coarser scale). At
 every stage boundary, on the patches still active:
   1. p_n = softmax(auxiliary logits); U_n = sum_q w_q S_q(p_n) / S_q^max,
      the dynamically weighted multi-scale Tsallis entropy (tsallis.py),
@@ -78,6 +80,8 @@ class LVTPParams:
   gap2: float
   edge_pool: str
   edge_tau: float
+  edge_color: str
+  edge_scale: int
   lowlevel: Tuple[str, ...]
   conf_floor: float
   keep_topk_per_class: int
@@ -227,6 +231,10 @@ class LVTP(registry.Policy):
     cfg.gap2 = 0.05                # gap guard of pass 2
     cfg.edge_pool = 'mean'         # lowlevel.POOLS
     cfg.edge_tau = 0.1             # 'density' threshold on |Sobel|
+    cfg.edge_color = 'luma'        # lowlevel.COLORS; 'rgb': the largest
+                                   # of the R, G, B Sobel magnitudes (ours)
+    cfg.edge_scale = 1             # Sobel on s x s block means (ours);
+                                   # s divides the patch size
     cfg.lowlevel = ('sobel',)      # lowlevel.FEATURES
     cfg.conf_floor = 0.0           # candidates need max p >= it (0: off)
     cfg.keep_topk_per_class = 0    # DToP's context rule (0: off)
@@ -276,6 +284,12 @@ class LVTP(registry.Policy):
       raise ValueError(f'{field("conf_floor")} is a probability in [0, 1].')
     if cfg.edge_pool not in lowlevel.POOLS:
       raise ValueError(f'{field("edge_pool")} is not one of {lowlevel.POOLS}.')
+    if cfg.get('edge_color', 'luma') not in lowlevel.COLORS:
+      raise ValueError(f'{field("edge_color")} is not one of '
+                       f'{lowlevel.COLORS}.')
+    if int(cfg.get('edge_scale', 1)) < 1:
+      raise ValueError(f'{field("edge_scale")}: a block side >= 1 that '
+                       'divides the patch size, e.g. 1, 2 or 4.')
     features = tuple(cfg.lowlevel)
     if not features or set(features) - set(lowlevel.FEATURES):
       raise ValueError(f'{field("lowlevel")}: a non-empty subset of '
@@ -300,7 +314,9 @@ class LVTP(registry.Policy):
         clustering=cfg.clustering, passes=int(cfg.passes), k1=int(cfg.k1),
         k2=int(cfg.k2), k_joint=int(cfg.k_joint), iters=int(cfg.iters),
         gap1=float(cfg.gap1), gap2=float(cfg.gap2), edge_pool=cfg.edge_pool,
-        edge_tau=float(cfg.edge_tau), lowlevel=features,
+        edge_tau=float(cfg.edge_tau),
+        edge_color=cfg.get('edge_color', 'luma'),
+        edge_scale=int(cfg.get('edge_scale', 1)), lowlevel=features,
         conf_floor=float(cfg.conf_floor),
         keep_topk_per_class=int(cfg.keep_topk_per_class),
         context_stride=int(cfg.context_stride), label_boundary=lb,
@@ -309,7 +325,9 @@ class LVTP(registry.Policy):
   def prepare(self, images, params, *, normalization, patch_size):
     return lowlevel.edge_scores(images, normalization, patch_size,
                                 pool=params.edge_pool, tau=params.edge_tau,
-                                features=params.lowlevel)
+                                features=params.lowlevel,
+                                color=params.edge_color,
+                                scale=params.edge_scale)
 
   def decide(self, ctx, params):
     probs = jax.nn.softmax(ctx.signals['aux_logits'].astype(jnp.float32),
