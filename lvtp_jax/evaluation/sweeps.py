@@ -146,11 +146,16 @@ def selection_grid() -> Sweep:
   grid.append(('lvtp', lvtp))
   grid.append(('lvtp_k3', dict(lvtp, **{'pruning.lvtp.k2': 3})))
   with_sum = dict(lvtp, **SUMMARY)
-  for k2 in (2, 3, 4):
-    for lb in (0, 3):
-      grid.append((f'lvtp_sum_k{k2}' + (f'_lb{lb}' if lb else ''),
-                   dict(with_sum, **{'pruning.lvtp.k2': k2,
-                                     'pruning.lvtp.label_boundary': lb})))
+
+  def edge_clusters(prefix, base):
+    """k2 2-4, each with and without the label-boundary guard."""
+    for k2 in (2, 3, 4):
+      for lb in (0, 3):
+        grid.append((f'{prefix}_k{k2}' + (f'_lb{lb}' if lb else ''),
+                     dict(base, **{'pruning.lvtp.k2': k2,
+                                   'pruning.lvtp.label_boundary': lb})))
+
+  edge_clusters('lvtp_sum', with_sum)
   for lb in (0, 3):
     grid.append(('lvtp_sum_no_edge' + (f'_lb{lb}' if lb else ''),
                  dict(with_sum, **{'pruning.lvtp.passes': 1,
@@ -173,11 +178,7 @@ def selection_grid() -> Sweep:
         'pruning.lvtp.edge_pool': pool})))
   colour = dict(with_sum, **COLOUR_EDGES)
   grid.append(('lvtp_rgb4', dict(lvtp, **COLOUR_EDGES)))
-  for k2 in (2, 3, 4):
-    for lb in (0, 3):
-      grid.append((f'lvtp_sum_rgb4_k{k2}' + (f'_lb{lb}' if lb else ''),
-                   dict(colour, **{'pruning.lvtp.k2': k2,
-                                   'pruning.lvtp.label_boundary': lb})))
+  edge_clusters('lvtp_sum_rgb4', colour)
   for gap2 in (0.15, 0.3):
     grid.append((f'lvtp_sum_rgb4_k2_gap{gap2}',
                  dict(colour, **{'pruning.lvtp.gap2': gap2})))
