@@ -290,6 +290,35 @@ def test_loss_split_of_a_pruned_setting(quickstart_run, data_dir):
     loss_split.run(config, workdir, ['dtop_p0.9'])
 
 
+def test_paired_bootstrap_of_two_settings(quickstart_run, data_dir):
+  from lvtp_jax.evaluation import paired  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.evaluation import segmentation  # pylint: disable=g-import-not-at-top
+  workdir, _ = quickstart_run
+  config = _config(data_dir)
+  config.eval.progress = False
+  config.sweep = _EXTREMES
+  rows = paired.run(config, workdir, [('nothing_exits', 'all_exit'),
+                                      ('all_exit', 'all_exit')],
+                    resamples=200)
+  # The observed numbers are eval.py's for the same settings.
+  config.eval.timing_rounds, config.eval.timing_iters = 1, 1
+  want = {r['name']: r for r in segmentation.evaluate(config, workdir)[0]}
+  first, same = rows
+  assert first['num_images'] == want['all_exit']['num_images']
+  for metric in paired.METRICS:
+    for side, name in (('a', 'nothing_exits'), ('b', 'all_exit')):
+      assert first[metric][side] == pytest.approx(want[name][metric],
+                                                  abs=1e-9)
+    assert first[metric]['low'] <= first[metric]['high']
+    assert same[metric]['diff'] == same[metric]['low'] == 0
+  assert first['gflops_b'] == pytest.approx(
+      want['all_exit']['gflops_effective'])
+  assert first['gflops_b'] < first['gflops_a']
+  assert 'all_exit' in paired.format_rows(rows)
+  with pytest.raises(ValueError, match='not settings of config.sweep'):
+    paired.run(config, workdir, [('nothing_exits', 'dtop_p0.9')])
+
+
 def test_init_from_a_training_workdir(quickstart_run, data_dir):
   """Phase 2 (pruning fine-tune) starts from the phase-1 workdir."""
   from lvtp_jax.train import checkpoint  # pylint: disable=g-import-not-at-top

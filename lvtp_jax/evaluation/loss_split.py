@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from lvtp_jax import pruning
 from lvtp_jax.evaluation import seg_runner
 from lvtp_jax.evaluation import segmentation
 from lvtp_jax.models import segmenter
@@ -56,12 +55,7 @@ def split(config, model, params, prep, setting) -> Dict[str, Dict[str, Any]]:
                      'maps of sliding windows overlap).')
   if setting.pruning.name == 'none':
     raise ValueError(f'setting {setting.eval.name!r} is not pruned.')
-  pcfg = pruning.resolve(setting.pruning)
-  if pcfg.mode == 'buffer' and pcfg.calibrate.images:
-    pcfg.capacities, _ = segmentation.calibrate_capacities(
-        setting, model, params, prep, pcfg)
-    pcfg.calibrate.images = 0
-  pm = pruning.attach(model, pcfg, normalization=prep)
+  pm, _, _ = segmentation.attach_setting(setting, model, params, prep)
   pruned_fwd = seg_runner.forward_fn(pm, params)
   base_fwd = seg_runner.forward_fn(model, params)
   out = {}

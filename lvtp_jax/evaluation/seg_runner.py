@@ -181,7 +181,7 @@ def run_split(config: ml_collections.ConfigDict, model, params,
               prep: Dict[str, Any], *, split: Optional[str] = None,
               num_examples: int = 0, max_maps: int = 0, desc: str = 'eval',
               baseline: Optional[Callable] = None,
-              forward: Optional[Callable] = None
+              forward: Optional[Callable] = None, per_image: bool = False
               ) -> Tuple[Dict[str, Any], jax.Array, float, int, ForwardStats]:
   """Segmentation metrics and token statistics of (model, params).
 
@@ -200,6 +200,9 @@ def run_split(config: ml_collections.ConfigDict, model, params,
       ('whole' mode).
     forward: images -> (logits, aux) to score instead of
       forward_fn(model, params) (lvtp_jax.evaluation.loss_split).
+    per_image: the metric dict also holds 'image_confusion' and
+      'image_boundary_confusion', int64 [images, C, C] each
+      (SegmentationMetrics.image_confusions; lvtp_jax.evaluation.paired).
 
   Returns:
     (metrics, forward_batch, windows_per_image, num_images, stats): the
@@ -226,11 +229,15 @@ def run_split(config: ml_collections.ConfigDict, model, params,
   std = tuple(255.0 * s for s in prep['std'])
   metrics = segmentation_metrics.SegmentationMetrics(
       model.num_classes, ignore_index=dataset.ignore_index,
-      boundary_width=config.eval.boundary_width or None)
+      boundary_width=config.eval.boundary_width or None, per_image=per_image)
   stats = ForwardStats(num_prefix=model.num_prefix, max_maps=max_maps)
   run = _whole if config.eval.mode == 'whole' else _slide
   fwd = forward or forward_fn(model, params)
   images, windows_per_image = run(fwd, source, config,
                                   mean, std, metrics, num, stats, desc,
                                   baseline, model.patch_size)
-  return metrics.result(), images, windows_per_image, num, stats
+  result = metrics.result()
+  if per_image:
+    result['image_confusion'], result['image_boundary_confusion'] = (
+        metrics.image_confusions())
+  return result, images, windows_per_image, num, stats

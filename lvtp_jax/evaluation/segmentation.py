@@ -246,6 +246,23 @@ def calibrate_capacities(config: ml_collections.ConfigDict, model, params,
                           forwards=len(tokens), quantile=q)
 
 
+def attach_setting(config: ml_collections.ConfigDict, model, params,
+                   prep: Dict[str, Any]):
+  """The model with config.pruning attached, buffer capacities calibrated
+  first when the setting asks for it (calibrate_capacities).
+
+  Returns:
+    (pruned model, the resolved config.pruning, the calibration record or
+    None).
+  """
+  pcfg = pruning.resolve(config.pruning)
+  calibration = None
+  if pcfg.name != 'none' and pcfg.mode == 'buffer' and pcfg.calibrate.images:
+    pcfg.capacities, calibration = calibrate_capacities(
+        config, model, params, prep, pcfg)
+  return pruning.attach(model, pcfg, normalization=prep), pcfg, calibration
+
+
 def _policy_params(pcfg: ml_collections.ConfigDict) -> Dict[str, Any]:
   """What a results row records of config.pruning (JSON-friendly)."""
   if pcfg.name == 'none':
@@ -276,12 +293,7 @@ def evaluate_model(config: ml_collections.ConfigDict,
     fields) and the first config.eval.exit_maps exit maps.
   """
   baseline = baseline or _Baseline(model)
-  pcfg = pruning.resolve(config.pruning)
-  calibration = None
-  if pcfg.name != 'none' and pcfg.mode == 'buffer' and pcfg.calibrate.images:
-    pcfg.capacities, calibration = calibrate_capacities(
-        config, model, params, prep, pcfg)
-  pruned = pruning.attach(model, pcfg, normalization=prep)
+  pruned, pcfg, calibration = attach_setting(config, model, params, prep)
   spec = pruned.pruning
   result, images, windows_per_image, num, stats = seg_runner.run_split(
       config, pruned, params, prep, max_maps=config.eval.get('exit_maps', 0),

@@ -200,16 +200,28 @@ def per_class_iou(cm: np.ndarray) -> np.ndarray:
   """IoU_c = TP / (TP + FP + FN) from a confusion matrix.
 
   Args:
-    cm: int [C, C], rows ground truth, columns prediction.
+    cm: [..., C, C], rows ground truth, columns prediction (leading axes:
+      several matrices at once, e.g. bootstrap resamples).
 
   Returns:
-    float64 [C] in [0, 1]; NaN for classes with zero union (absent from both
-    ground truth and predictions), as in mmseg 0.x `mean_iou`.
+    float64 [..., C] in [0, 1]; NaN for classes with zero union (absent from
+    both ground truth and predictions), as in mmseg 0.x `mean_iou`.
   """
   cm = np.asarray(cm)
-  tp = np.diag(cm)
-  union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+  tp = np.diagonal(cm, axis1=-2, axis2=-1)
+  union = cm.sum(axis=-2) + cm.sum(axis=-1) - tp
   return _safe_div(tp, union)
+
+
+def mean_iou(cm: np.ndarray) -> np.ndarray:
+  """mIoU in percent of [..., C, C] confusion matrices -> [...]: the nanmean
+  of per_class_iou, as metrics_from_confusion's `miou` (NaN where no class
+  has a union)."""
+  iou = per_class_iou(cm)
+  defined = ~np.isnan(iou)
+  count = defined.sum(axis=-1)
+  total = np.where(defined, iou, 0.0).sum(axis=-1)
+  return 100.0 * _safe_div(total, count)
 
 
 def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
@@ -340,7 +352,8 @@ class SegmentationMetrics:
                num_classes: int,
                ignore_index: Optional[int] = 255,
                boundary_width: Optional[int] = None,
-               boundary_width_ratio: Optional[float] = None):
+               boundary_width_ratio: Optional[float] = None,
+               per_image: bool = False):
     """Creates empty accumulators.
 
     Args:
@@ -350,6 +363,10 @@ class SegmentationMetrics:
       boundary_width_ratio: d as a fraction of each batch's image diagonal
         (see boundary_width_from_ratio). Give at most one of the two; with
         neither, the ratio DEFAULT_BOUNDARY_WIDTH_RATIO (0.02) is used.
+      per_image: also keep both matrices of every image
+        (image_confusions(); 2 x N x C^2 int64 on the host: 0.8 MB for 500
+        images of 10 classes, 720 MB for ADE20K's 2000 of 150), for the
+        paired bootstrap of lvtp_jax.evaluation.paired.
     """
     if boundary_width is not None and boundary_width_ratio is not None:
       raise ValueError(
@@ -368,6 +385,7 @@ class SegmentationMetrics:
     self.ignore_index = ignore_index
     self.boundary_width = boundary_width
     self.boundary_width_ratio = boundary_width_ratio
+    self.per_image = per_image
     self.reset()
 
   def reset(self) -> None:
@@ -375,6 +393,7 @@ class SegmentationMetrics:
     c = self.num_classes
     self.confusion = np.zeros((c, c), np.int64)
     self.boundary_confusion = np.zeros((c, c), np.int64)
+    self._images = []
 
   def width_for(self, height: int, width: int) -> int:
     """Band width d (pixels) used for images of size height x width."""
@@ -404,6 +423,30 @@ class SegmentationMetrics:
                            band)
     self.confusion += cm
     self.boundary_confusion += bcm
+    if self.per_image:
+      counted = (np.ones(label.shape, bool) if pixel_mask is None
+                 else pixel_mask)
+      for p, l, m, b in zip(_as_batch(np.asarray(pred)), _as_batch(label),
+                            _as_batch(counted), _as_batch(band)):
+        full = confusion_matrix(p, l, self.num_classes, self.ignore_index, m)
+        if full.any():
+          self._images.append((full, confusion_matrix(
+              p, l, self.num_classes, self.ignore_index, b)))
+
+  def image_confusions(self):
+    """(full, band): int64 [N, C, C] each, the two confusion matrices of
+    every image added since the last reset (per_image=True), in order.
+    Images with no counted pixel (batch padding, all ignored) are left out:
+    they add nothing to either matrix."""
+    if not self.per_image:
+      raise ValueError('image_confusions() needs '
+                       'SegmentationMetrics(per_image=True).')
+    c = self.num_classes
+    if not self._images:
+      empty = np.zeros((0, c, c), np.int64)
+      return empty, empty
+    full, band = zip(*self._images)
+    return np.stack(full), np.stack(band)
 
   def result(self) -> Dict[str, Any]:
     """Metrics over everything added since the last reset, in percent.
