@@ -20,9 +20,9 @@ B >= A. Both settings run on the same model and the same images (checked:
 the ground-truth pixel counts of every image must agree).
 
 What the interval covers: which images the evaluation happened to draw. It
-does not cover training variance (another seed of the same recipe), which
-moves these models' mIoU by more (README: seed 0 and seed 1 differ by 0.7
-mIoU); compare across seeds for that.
+does not cover training variance (another seed of the same recipe, or the
+same seed trained on another CPU), which moves the quickstart's mIoU by
+0.3-1.0 (README); compare across models for that.
 """
 
 import json
@@ -73,8 +73,8 @@ def bootstrap_counts(num_images: int, resamples: int,
   if num_images < 2:
     raise ValueError(f'a bootstrap needs at least 2 images, got {num_images}.')
   if resamples < 100:
-    raise ValueError(f'resamples={resamples}: use at least 100 (the default '
-                     '10000 gives percentile intervals stable to ~0.01).')
+    raise ValueError(f'resamples={resamples}: use at least 100 for a '
+                     'percentile interval (default 10000).')
   rng = np.random.default_rng(seed)
   return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images),
                          size=resamples)
