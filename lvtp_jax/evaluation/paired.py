@@ -37,7 +37,6 @@ import numpy as np
 from lvtp_jax.evaluation import seg_runner
 from lvtp_jax.evaluation import segmentation
 from lvtp_jax.evaluation import segmentation_metrics
-from lvtp_jax.measure import flops
 
 METRICS = {'miou': 'image_confusion',
            'boundary_miou': 'image_boundary_confusion'}
@@ -156,10 +155,9 @@ def _evaluate(setting, model, params, prep) -> Dict[str, Any]:
   pruned, pcfg, _ = segmentation.attach_setting(setting, model, params, prep)
   result, _, windows, num, stats = seg_runner.run_split(
       setting, pruned, params, prep, desc=setting.eval.name, per_image=True)
-  effective = 2 * float(np.mean(flops.segmenter_effective_macs(
-      model, stats.tokens()))) / 1e9
   return dict(result, policy=pcfg.name, num_images=num,
-              gflops_effective=effective * windows)
+              gflops_effective=segmentation.effective_gflops(
+                  model, stats.tokens(), windows))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,

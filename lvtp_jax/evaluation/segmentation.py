@@ -263,6 +263,14 @@ def attach_setting(config: ml_collections.ConfigDict, model, params,
   return pruning.attach(model, pcfg, normalization=prep), pcfg, calibration
 
 
+def effective_gflops(model: seg_lib.Segmenter, tokens: np.ndarray,
+                     windows_per_image: float) -> float:
+  """Analytic GFLOPs (2 x MACs) per image from the valid patch tokens of
+  every block of every forward, tokens [F, depth] (ForwardStats.tokens())."""
+  macs = float(np.mean(flops.segmenter_effective_macs(model, tokens)))
+  return 2 * macs / 1e9 * windows_per_image
+
+
 def _policy_params(pcfg: ml_collections.ConfigDict) -> Dict[str, Any]:
   """What a results row records of config.pruning (JSON-friendly)."""
   if pcfg.name == 'none':
@@ -304,8 +312,6 @@ def evaluate_model(config: ml_collections.ConfigDict,
   forward_hw = tuple(images.shape[1:3])
   realized = flops.realized_gflops(apply, params, images, batch_size=batch)
   tokens = stats.tokens()                                  # [F, depth]
-  effective = 2 * float(np.mean(flops.segmenter_effective_macs(
-      model, tokens))) / 1e9
   fns = dict(model=apply)
   if spec is not None:
     fns['unpruned'] = baseline.apply
@@ -329,7 +335,7 @@ def evaluate_model(config: ml_collections.ConfigDict,
       pixel_accuracy=result['pixel_accuracy'],
       per_class_iou=[float(v) for v in result['per_class_iou']],
       gflops_realized=realized * windows_per_image,
-      gflops_effective=effective * windows_per_image,
+      gflops_effective=effective_gflops(model, tokens, windows_per_image),
       images_per_second=ips['model'] / windows_per_image,
       batch_size=batch,
       device=speed.device_name(),

@@ -261,7 +261,7 @@ def metrics_from_confusion(cm: np.ndarray) -> Dict[str, Any]:
   acc = per_class_accuracy(cm)
   total = int(cm.sum())
   return dict(
-      miou=100.0 * _nanmean(iou),
+      miou=float(mean_iou(cm)),
       pixel_accuracy=100.0 * float(_safe_div(np.trace(cm), total)),
       mean_accuracy=100.0 * _nanmean(acc),
       per_class_iou=(100.0 * iou).tolist(),
