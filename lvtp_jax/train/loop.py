@@ -1,8 +1,10 @@
 """Segmentation training: `train_and_evaluate(config, workdir)`.
 
-One jitted step over a ('data',) mesh of all devices: the batch is sharded
-along the data axis, the train state is replicated, and XLA inserts the
-gradient all-reduce. The state is donated, so a step updates it in place.
+One jitted step (step.py) over a ('data',) mesh of all devices: the batch
+is sharded along the data axis, the train state is replicated, and XLA
+inserts the gradient all-reduce. The state is donated, so a step updates it
+in place. config.model.dtype='bfloat16' computes the forward and backward
+in bfloat16 with float32 parameters, optimizer state and losses.
 
 Loss = pixel cross-entropy of the final logits (ignore 255)
        + train.aux_weight * sum_k loss of aux head k, by train.aux_loss:
@@ -40,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from lvtp_jax import pretrained
@@ -53,12 +54,11 @@ from lvtp_jax.evaluation import seg_runner
 from lvtp_jax.evaluation import segmentation as seg_eval
 from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.train import checkpoint
-from lvtp_jax.train import losses
 from lvtp_jax.train import model_init
 from lvtp_jax.train import optim
-
-AUX_LOSSES = ('pixel', 'token')
-
+from lvtp_jax.train.step import AUX_LOSSES
+from lvtp_jax.train.step import make_mesh
+from lvtp_jax.train.step import make_train_step
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises a ValueError naming an out-of-range training field and the fix."""
@@ -106,65 +106,6 @@ def _prepare_synthetic(config: ml_collections.ConfigDict) -> None:
   from lvtp_jax.data import synthetic_scenes  # pylint: disable=g-import-not-at-top
   synthetic_scenes.prepare(config.data.data_dir or None,
                            config=name.partition('/')[2] or 'default')
-
-
-def make_train_step(model, tx, schedule, config, mesh):
-  """jit(state, batch) -> (state, metrics) over `mesh`, donating the state."""
-  aux_weight = config.train.aux_weight
-  aux_loss = config.train.get('aux_loss', 'pixel')
-
-  def loss_fn(params, batch, rng):
-    logits, aux = model.apply(
-        {'params': params}, batch['image'], train=True, return_aux=True,
-        rngs={'dropout': rng})
-    labels = batch['segmentation']
-    metrics = {'main_loss': losses.pixel_cross_entropy(logits, labels)}
-    total = metrics['main_loss']
-    if aux['aux_logits'] and aux_loss == 'token':
-      targets, valid = losses.token_targets(labels, model.patch_size,
-                                            model.num_classes)
-    for k, token_logits in aux['aux_logits'].items():
-      if aux_loss == 'pixel':
-        metrics[f'aux_loss_{k}'] = losses.pixel_cross_entropy(
-            losses.upsample_like(token_logits, labels, model.patch_size),
-            labels)
-      else:
-        metrics[f'aux_loss_{k}'] = losses.token_cross_entropy(
-            token_logits, targets, valid)
-      total = total + aux_weight * metrics[f'aux_loss_{k}']
-    metrics['loss'] = total
-    return total, metrics
-
-  def step_fn(state, batch):
-    rng = jax.random.fold_in(state['rng'], state['step'])
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(
-        state['params'], batch, rng)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    metrics['lr'] = schedule(state['step'])
-    return dict(params=optax.apply_updates(state['params'], updates),
-                opt_state=opt_state, step=state['step'] + 1,
-                rng=state['rng']), metrics
-
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
-  return jax.jit(step_fn, in_shardings=(replicated, batch_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
-
-
-def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-  """A 1-d ('data',) mesh (Auto axis: GSPMD decides the collectives).
-
-  Args:
-    num_devices: use the first this many devices (0 = all of them).
-  """
-  devices = jax.devices()
-  if not 0 <= num_devices <= len(devices):
-    raise ValueError(f'train.num_devices={num_devices} but there are '
-                     f'{len(devices)} devices (0 = all).')
-  devices = devices[:num_devices or None]
-  return jax.sharding.Mesh(np.asarray(devices), ('data',),
-                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 class _MetricsLog:
