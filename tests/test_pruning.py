@@ -284,7 +284,7 @@ def test_no_retracing_and_static_shapes():
   # The encoder really runs on smaller buffers: XLA counts fewer FLOPs (on
   # the lowered program; compiling it again would only cost time).
   def count(f):
-    return f.lower(PARAMS, _images(0)).cost_analysis()['flops']
+    return flops.lowered_flops(f.lower(PARAMS, _images(0)))
 
   assert count(fwd) < 0.8 * count(_forward()), (count(fwd), count(_forward()))
 

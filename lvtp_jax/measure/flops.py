@@ -134,17 +134,35 @@ def _decoder_macs(kind: str, n, d: int, c: int, depth: int):
   return n * d * d + blocks + n * d * d + c * d * d + n * c * d
 
 
-def xla_flops(fn: Callable, *args) -> float:
-  """FLOPs XLA's cost analysis reports for jit(fn)(*args) on one device."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
+def _cost_flops(cost: Any) -> float:
+  """The 'flops' entry of a cost analysis (-1 when there is none)."""
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
-    cost = cost[0]
-  flops = float(cost.get('flops', -1.0))
+    cost = cost[0] if cost else None
+  return float((cost or {}).get('flops', -1.0))
+
+
+def compiled_flops(compiled: Any) -> float:
+  """FLOPs of a compiled program (`jax.jit(f).lower(...).compile()`), as
+  XLA's cost analysis counts them after its optimisations."""
+  flops = _cost_flops(compiled.cost_analysis())
   if flops < 0:
     raise RuntimeError('XLA cost analysis reported no FLOP count for this '
                        'program on this backend.')
   return flops
+
+
+def lowered_flops(lowered: Any) -> float:
+  """FLOPs of a `jax.jit(f).lower(...)`: XLA's analysis of the unoptimised
+  program where the backend offers one (CPU), else of the compiled one (GPU
+  backends are plugins whose lowered programs carry no cost analysis)."""
+  flops = _cost_flops(lowered.cost_analysis())
+  return flops if flops >= 0 else compiled_flops(lowered.compile())
+
+
+def xla_flops(fn: Callable, *args) -> float:
+  """FLOPs XLA's cost analysis reports for jit(fn)(*args) on one device
+  (the compiled program)."""
+  return compiled_flops(jax.jit(fn).lower(*args).compile())
 
 
 def realized_gflops(fn: Callable, *args, batch_size: int) -> float:

@@ -82,6 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvtp_jax.measure import flops
 from lvtp_jax.pruning import registry
 from lvtp_jax.tokens import state as ts
 
@@ -444,5 +445,5 @@ def decision_flops(model: Any, image_hw: Tuple[int, int],
     return out
 
   stages = [stage_inputs(kp) for kp in slots]
-  cost = jax.jit(work).lower(shape(padded, jnp.float32), stages).cost_analysis()
-  return float(cost.get('flops', 0.0)) / b
+  return flops.lowered_flops(
+      jax.jit(work).lower(shape(padded, jnp.float32), stages)) / b
