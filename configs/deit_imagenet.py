@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.model.timm_name = arg.model   # architecture when random_init is used
   config.model.random_init = False     # random weights (smoke tests, speed)
   config.model.num_classes = 1000      # head size with random_init
+  config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
 
   config.pruning = ml_collections.ConfigDict()
   config.pruning.name = 'none'         # policy registry name

@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.model.aux_layers = ()
   config.model.aux_head = 'linear'
   config.model.normalization = 'vit'
+  config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
 
   config.pruning = pruning.config_defaults()   # name 'none': unpruned
 

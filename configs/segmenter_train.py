@@ -118,6 +118,7 @@ def get_config(arg=None):
   config.model.aux_head = 'linear'
   config.model.normalization = 'vit'   # random init only; else the source's
   config.model.drop_path_rate = 0.1
+  config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
 
   config.pruning = pruning.config_defaults()   # name 'none': unpruned
 

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from lvtp_jax import models
 from lvtp_jax import pretrained
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.data import classification as data_lib
@@ -59,6 +60,7 @@ def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     raise ValueError(f'config.pruning.name={config.pruning.name!r} is not '
                      f'available for classification; known: {POLICIES}.')
   model, params, prep = load_model(config.model, config.seed)
+  model = models.with_dtype(model, config.model.get('dtype', 'float32'))
   size = prep['img_size']
   transform_fn = functools.partial(
       data_lib.eval_transform, img_size=size, crop_pct=prep['crop_pct'],
@@ -116,6 +118,7 @@ def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       gflops_effective=float(effective),
       images_per_second=ips,
       batch_size=dcfg.batch_size,
+      dtype=jnp.dtype(model.dtype).name,
       stage_starts=[0],
       tokens_per_stage=[float(valid_tokens[:, 0].mean())],
   )

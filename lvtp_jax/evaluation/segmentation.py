@@ -40,9 +40,11 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lvtp_jax import models
 from lvtp_jax import pruning
 from lvtp_jax.evaluation import seg_runner
 from lvtp_jax.measure import flops
@@ -99,16 +101,19 @@ def build_model(config: ml_collections.ConfigDict, workdir: Optional[str] = None
        lvtp_jax.convert segmenter ...) or a training workdir;
     3. random weights, when config.model.random_init is set (smoke tests,
        speed); otherwise a ValueError says what to provide.
+  The model computes in config.model.dtype (lvtp_jax.models.DTYPES).
 
   Returns:
     (model, params, prep, source): prep holds mean/std in 0..1 units the
     images are normalised with; source names the weights for results.json.
   """
   cfg = config.model
+  dtype = cfg.get('dtype', 'float32')
   step = checkpoint.latest_step(workdir) if workdir else None
   if step is not None:
     model, params, prep = checkpoint.load_for_eval(workdir, config, step)
-    return model, params, prep, f'{workdir}/checkpoints/{step}'
+    return (models.with_dtype(model, dtype), params, prep,
+            f'{workdir}/checkpoints/{step}')
   if not cfg.init_from and not cfg.random_init:
     raise ValueError(
         f'nothing to evaluate: {workdir or "the workdir"} holds no training '
@@ -338,6 +343,7 @@ def evaluate_model(config: ml_collections.ConfigDict,
       gflops_effective=effective_gflops(model, tokens, windows_per_image),
       images_per_second=ips['model'] / windows_per_image,
       batch_size=batch,
+      dtype=jnp.dtype(model.dtype).name,
       device=speed.device_name(),
       stage_starts=starts,
       tokens_per_stage=[float(mean_tokens[s] + p) for s in starts],

@@ -55,6 +55,13 @@ class LinearDecoder(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
+def _unit_rows(t: jax.Array) -> jax.Array:
+  """Official `t / t.norm(dim=-1, keepdim=True)`, no epsilon; the norm is
+  taken in float32 and the result returned in t's dtype."""
+  t32 = t.astype(jnp.float32)
+  return (t32 / jnp.linalg.norm(t32, axis=-1, keepdims=True)).astype(t.dtype)
+
+
 class MaskTransformer(nn.Module):
   """Official MaskTransformer decoder (class embeddings as extra tokens)."""
   num_classes: int
@@ -92,11 +99,8 @@ class MaskTransformer(nn.Module):
     init = nn.initializers.normal(d ** -0.5)
     proj_patch = self.param('proj_patch', init, (d, d))
     proj_classes = self.param('proj_classes', init, (d, d))
-    patches = x[:, :n] @ proj_patch.astype(x.dtype)
-    classes = x[:, n:] @ proj_classes.astype(x.dtype)
-    # Official: t / t.norm(dim=-1, keepdim=True), no epsilon.
-    patches = patches / jnp.linalg.norm(patches, axis=-1, keepdims=True)
-    classes = classes / jnp.linalg.norm(classes, axis=-1, keepdims=True)
+    patches = _unit_rows(x[:, :n] @ proj_patch.astype(x.dtype))
+    classes = _unit_rows(x[:, n:] @ proj_classes.astype(x.dtype))
     masks = jnp.einsum('bnd,bcd->bnc', patches, classes)
     return _layer_norm(self.ln_eps, self.dtype, 'mask_norm')(masks)
 

@@ -131,7 +131,10 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, k, 3, h, hd).transpose(2, 0, 3, 1, 4)
     q, key, v = qkv[0], qkv[1], qkv[2]
     q = q * (hd ** -0.5)
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q, key)
+    # Attention logits and the softmax statistics are float32 whatever the
+    # compute dtype (a bfloat16 logit keeps 3 significant digits).
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, key,
+                        preferred_element_type=jnp.float32)
     if log_size is not None:
       logits = logits + log_size[:, None, None, :].astype(logits.dtype)
     if masked:
@@ -140,7 +143,6 @@ class Attention(nn.Module):
     # the [B, H, K, hd] output instead of the [B, H, K, K] map saves a full
     # pass over the map, which XLA:CPU does not fuse away. Same math as
     # softmax(logits) @ v to float32 rounding.
-    logits = logits.astype(jnp.float32)
     shifted = jnp.exp(logits - jax.lax.stop_gradient(
         logits.max(axis=-1, keepdims=True)))
     denom = shifted.sum(axis=-1, keepdims=True)
@@ -225,7 +227,9 @@ class ViT(nn.Module):
   ln_eps: float = 1e-6             # timm 1e-6; Segmenter checkpoints 1e-5
   posemb_resize: str = 'bicubic'   # see posemb.METHODS; used when the grid differs
   drop_path_rate: float = 0.0      # stochastic depth, linear over the blocks
-  dtype: Any = jnp.float32         # compute dtype (params stay float32)
+  dtype: Any = jnp.float32         # compute dtype (params stay float32;
+                                   # LayerNorm statistics, softmax and
+                                   # logits stay float32)
 
   @property
   def num_prefix(self) -> int:
@@ -280,14 +284,15 @@ class ViT(nn.Module):
     return self.blocks[i](state, **kw)
 
   def pool(self, x: jax.Array) -> jax.Array:
-    """Final-normed tokens [B, K, D] -> logits [B, C] (or features [B, D])."""
+    """Final-normed tokens [B, K, D] -> float32 logits [B, C] (or features
+    [B, D] in the compute dtype)."""
     if not self.num_classes:
       return x[:, 0]
-    logits = self.head(x[:, 0])
+    logits = self.head(x[:, 0]).astype(jnp.float32)
     if self.distilled:
       # timm VisionTransformerDistilled: mean of both heads unless
       # distilled_training (never used at evaluation).
-      logits = (logits + self.head_dist(x[:, 1])) / 2
+      logits = (logits + self.head_dist(x[:, 1]).astype(jnp.float32)) / 2
     return logits
 
   def __call__(self, images: jax.Array, *, train: bool = False,

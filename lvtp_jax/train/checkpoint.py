@@ -67,15 +67,20 @@ def _resumable(field: str) -> bool:
 def config_differences(stored: Dict[str, Any],
                        current: ml_collections.ConfigDict) -> List[str]:
   """'field: stored -> current' for every non-resumable field that differs."""
-  old = _flatten(stored)
+  old = dict(_DEFAULTS_OF_NEWER_FIELDS, **_flatten(stored))
   new = _flatten(json.loads(current.to_json_best_effort()))
   return [f'{k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}'
           for k in sorted(set(old) | set(new))
           if not _resumable(k) and old.get(k) != new.get(k)]
 
 
-# config.model fields that say where weights come from, not what the model is.
-_WEIGHT_SOURCE_FIELDS = ('init_from', 'random_init')
+# config.model fields that say where weights come from or how they are
+# computed with, not what the model is: evaluation may set them freely (say,
+# a float32 run evaluated in bfloat16).
+_NOT_ARCHITECTURE_FIELDS = ('init_from', 'random_init', 'dtype')
+# Fields added after runs were saved: a stored config without one had the
+# default, so resuming such a run is not refused for it.
+_DEFAULTS_OF_NEWER_FIELDS = {'model.dtype': 'float32'}
 
 
 class Checkpointer:
@@ -195,8 +200,10 @@ def load_for_eval(workdir: str, config: Optional[ml_collections.ConfigDict],
 
   The architecture is the one stored with the checkpoint. When `config` is
   given, its model block must describe the same architecture (fields that
-  only say where weights came from are not compared), so that evaluating a
-  workdir with another experiment's config fails loudly.
+  only say where weights came from, or the compute dtype, are not
+  compared), so that evaluating a workdir with another experiment's config
+  fails loudly. The model is returned in float32; callers apply
+  config.model.dtype (lvtp_jax.models.with_dtype).
 
   Args:
     workdir: a train.py run directory.
@@ -221,10 +228,10 @@ def load_for_eval(workdir: str, config: Optional[ml_collections.ConfigDict],
                        'without the model description; retrain.')
     if config is not None:
       stored = {k: v for k, v in meta['config']['model'].items()
-                if k not in _WEIGHT_SOURCE_FIELDS}
+                if k not in _NOT_ARCHITECTURE_FIELDS}
       current = {k: v for k, v in json.loads(
           config.model.to_json_best_effort()).items()
-                 if k not in _WEIGHT_SOURCE_FIELDS}
+                 if k not in _NOT_ARCHITECTURE_FIELDS}
       diffs = [f'model.{k}: {stored.get(k, "<absent>")!r} -> '
                f'{current.get(k, "<absent>")!r}'
                for k in sorted(set(stored) | set(current))

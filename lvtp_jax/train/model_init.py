@@ -126,7 +126,9 @@ def build(cfg: ml_collections.ConfigDict, seed: int
     seed: initialisation seed.
 
   Returns:
-    model: the Segmenter (with cfg's aux heads and drop-path rate).
+    model: the Segmenter (with cfg's aux heads and drop-path rate),
+      computing in cfg.dtype ('float32' or 'bfloat16'; parameters are
+      float32 either way).
     params: initial parameters (host/default-device arrays).
     prep: dict(mean, std) in 0..1 units the images must be normalised with.
     initialised: parameter paths that are freshly initialised although a
@@ -159,6 +161,7 @@ def build(cfg: ml_collections.ConfigDict, seed: int
     model = seg_lib.Segmenter(**_random_init_kwargs(cfg), **train_fields)
     loaded = None
     prep = dict(seg_convert.NORMALIZATION[cfg.normalization])
+  model = models.with_dtype(model, cfg.get('dtype', 'float32'))
   x = jnp.zeros((1, model.img_size, model.img_size, 3))
   fresh = jax.jit(model.init)(jax.random.PRNGKey(seed), x)['params']
   if loaded is None:
