@@ -1,0 +1,130 @@
+"""What the accelerator suite measures: models, shapes and policy settings.
+
+A pruning policy joins the suite with one line in CLASSIFICATION (in-block
+reductions on DeiT, at the setting its paper headlines) or SEGMENTATION
+(on the Segmenter); a PyTorch implementation to compare against (an official
+pruning code path) with one line in TORCH_ROWS. tests/test_bench_suite.py
+checks that every registered policy appears in one of the tables or in
+NOT_BENCHMARKED with a reason.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One row of lvtp_jax: config.pruning overrides ({}: unpruned)."""
+  name: str
+  pruning: Dict[str, Any]
+  source: str                    # where the setting comes from
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchRow:
+  """One PyTorch row: `patch(timm_module)` returns the module to time
+  (None: timm as it is, eager)."""
+  name: str
+  patch: Optional[Callable[[Any], Any]]
+  source: str
+
+
+# DeiT at 224: the unpruned forward, then one line per in-block reduction
+# (EViT, ToMe, GTP, BAT) at its paper's headline DeiT setting, in buffer
+# mode (exact for these policies: their token counts are static).
+CLASSIFICATION = (
+    Setting('unpruned', {}, 'timm-equal forward (tests/test_convert_timm.py)'),
+)
+
+TORCH_ROWS = (
+    TorchRow('timm eager', None, 'timm VisionTransformer, eager PyTorch'),
+)
+
+# Buffer capacities after the two exit boundaries (fractions of the patches).
+# There is no trained model to calibrate them on here; (0.7, 0.5) after
+# blocks 6 and 8 is an encoder cut of about 22%, DToP's reported ViT-B
+# ADE20K reduction (21%, specs/dtop.md §6.1). Buffer shapes are static, so
+# the timing depends on the capacities, not on which patches exit.
+SEG_CAPACITIES = (0.7, 0.5)
+
+SEGMENTATION = (
+    Setting('unpruned', {}, 'the Segmenter forward (official-checkpoint '
+            'parity, tests/test_segmenter.py)'),
+    Setting('dtop', dict(name='dtop', mode='buffer', capacities=SEG_CAPACITIES,
+                         dtop=dict(threshold=0.9, top_k=5)),
+            'DToP official ViT-B setting: p0 0.9, k 5, exits after blocks '
+            '6 and 8'),
+    Setting('lvtp', dict(name='lvtp', mode='buffer',
+                         capacities=SEG_CAPACITIES),
+            'LVTP-R defaults (specs/lvtp.md), exits after blocks 6 and 8'),
+)
+
+# Registered policies without a row, and why.
+NOT_BENCHMARKED = {
+    'none': 'the unpruned rows',
+    'random': 'the quality floor; at given capacities it costs what every '
+              'exit policy costs, plus its (cheaper) decisions',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """The shapes and timing of one suite run."""
+  deit_models: Tuple[str, ...]        # timm names
+  deit_img: int
+  deit_batch: int
+  deit_dtypes: Tuple[str, ...]
+  # name -> Segmenter shape fields (width, depth, num_heads, mlp_dim)
+  seg_models: Tuple[Tuple[str, Dict[str, int]], ...]
+  seg_decoders: Tuple[str, ...]
+  seg_img: int
+  seg_batch: int
+  seg_classes: int
+  seg_aux_layers: Tuple[int, ...]
+  seg_dtypes: Tuple[str, ...]
+  train_model: Tuple[str, Dict[str, int]]
+  train_img: int
+  train_batch: int
+  train_dtypes: Tuple[str, ...]
+  warmup: int
+  iters: int
+  rounds: int
+
+
+_VIT_S = dict(width=384, depth=12, num_heads=6, mlp_dim=1536)
+_VIT_B = dict(width=768, depth=12, num_heads=12, mlp_dim=3072)
+_TINY = dict(width=64, depth=4, num_heads=2, mlp_dim=128)
+
+# The accelerator run (issue: one H200 in at most 8 minutes with compiles).
+FULL = Sizes(
+    deit_models=('deit_small_patch16_224', 'deit_base_patch16_224'),
+    deit_img=224, deit_batch=256, deit_dtypes=('float32', 'bfloat16'),
+    seg_models=(('ViT-S/16', _VIT_S), ('ViT-B/16', _VIT_B)),
+    seg_decoders=('linear', 'mask_transformer'),
+    seg_img=512, seg_batch=32, seg_classes=150, seg_aux_layers=(6, 8),
+    seg_dtypes=('bfloat16',),
+    # Segmenter's official ADE20K recipe shapes: ViT-B/16, 512 crops,
+    # batch 8, mask transformer (configs/segmenter_train.py).
+    train_model=('ViT-B/16', _VIT_B), train_img=512, train_batch=8,
+    train_dtypes=('float32', 'bfloat16'),
+    warmup=3, iters=10, rounds=5)
+
+# --tiny (CPU, CI) and the smoke test that opens every accelerator run: the
+# same code paths on models that compile and run in seconds.
+TINY = Sizes(
+    deit_models=('deit_tiny_patch16_224',), deit_img=32, deit_batch=2,
+    deit_dtypes=('float32', 'bfloat16'),
+    seg_models=(('tiny', _TINY),), seg_decoders=('linear', 'mask_transformer'),
+    seg_img=64, seg_batch=2, seg_classes=8, seg_aux_layers=(2, 3),
+    seg_dtypes=('bfloat16',),
+    train_model=('tiny', _TINY), train_img=64, train_batch=2,
+    train_dtypes=('float32', 'bfloat16'),
+    warmup=1, iters=2, rounds=3)
+
+# Dense peak rates (TFLOP/s) from the vendor's datasheet, by device kind and
+# the math a row's matmuls use: 'bfloat16', 'tf32' (float32 rows under the
+# suite's default --fp32-matmul tf32, which both frameworks are set to) or
+# 'float32' (--fp32-matmul highest). MFU = model FLOPs x rate / peak.
+PEAK_TFLOPS = {
+    'H200': {'bfloat16': 989.4, 'tf32': 494.7, 'float32': 66.9},
+}
