@@ -19,6 +19,7 @@ from lvtp_jax import pruning
 from lvtp_jax.bench import __main__ as bench_cli
 from lvtp_jax.bench import profile
 from lvtp_jax.bench import settings
+from lvtp_jax.bench import runner
 from lvtp_jax.bench import suite as suite_lib
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.measure import flops
@@ -153,14 +154,14 @@ def test_budget_skips_groups_and_says_so(tmp_path):
 def test_a_failing_smoke_test_stops_the_full_run(tmp_path, monkeypatch,
                                                  capsys):
   ran = []
-  monkeypatch.setattr(suite_lib.Suite, 'classification',
+  monkeypatch.setattr(runner.Suite, 'classification',
                       lambda self: ran.append(self.sizes))
-  monkeypatch.setattr(suite_lib.Suite, 'segmentation', lambda self: None)
+  monkeypatch.setattr(runner.Suite, 'segmentation', lambda self: None)
 
   def broken(self):
     raise RuntimeError('incompatible API')
 
-  monkeypatch.setattr(suite_lib.Suite, 'training', broken)
+  monkeypatch.setattr(runner.Suite, 'training', broken)
   assert suite_lib.main(['--out', str(tmp_path), '--no-torch']) == 3
   assert [s.deit_batch for s in ran] == [settings.TINY.deit_batch]  # smoke
   assert not (tmp_path / 'suite.json').exists()
