@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from lvtp_jax import models
@@ -26,6 +27,8 @@ from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
 from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.train import optim
+from lvtp_jax.train import step as step_lib
 
 # The 'vit' normalisation (LVTP-R reads pixels through it).
 _NORMALIZATION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -250,8 +253,6 @@ class Suite:
                 f'{" and ".join(s.train_dtypes)}', self._training_group)
 
   def _training_group(self) -> None:
-    from lvtp_jax.train import optim  # pylint: disable=g-import-not-at-top
-    from lvtp_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
     s = self.sizes
     variant, shape = s.train_model
     config = _recipe_config()
@@ -371,10 +372,6 @@ def _buffer_tokens(model, spec, hw) -> np.ndarray:
 
 def _recipe_config():
   """The ADE20K recipe of configs/segmenter_train.py, as config.train."""
-  # Imported here: the optimizer code needs ml_collections, which the other
-  # sections do not.
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from lvtp_jax.train import optim  # pylint: disable=g-import-not-at-top
   train = optim.config_defaults()
   train.update(dict(optimizer='sgd', lr=1e-3, end_lr=1e-5, power=0.9,
                     momentum=0.9, weight_decay=0.0, num_steps=160_000))
