@@ -19,6 +19,7 @@ imagenet2012 validation (timm results-imagenet.csv); not yet reproduced here
 import ml_collections
 
 from lvtp_jax import config_args
+from lvtp_jax import pruning
 
 DATASETS = {
     'imagenet2012': ('imagenet2012', 'validation'),
@@ -42,8 +43,7 @@ def get_config(arg=None):
   config.model.num_classes = 1000      # head size with random_init
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
 
-  config.pruning = ml_collections.ConfigDict()
-  config.pruning.name = 'none'         # policy registry name
+  config.pruning = pruning.config_defaults()   # name 'none': unpruned
 
   config.data = ml_collections.ConfigDict()
   config.data.name, config.data.split = DATASETS[arg.dataset]

@@ -11,9 +11,9 @@ from lvtp_jax import config_args
 from lvtp_jax import pruning
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.data import segmentation_datasets
-from lvtp_jax.evaluation import classification
 from lvtp_jax.evaluation import segmentation
 from lvtp_jax.models import segmenter as seg_lib
+from lvtp_jax.models import vit as vit_lib
 from lvtp_jax.train import model_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,8 +40,10 @@ def test_config_loads_and_names_known_components(path):
     config = mod.get_config(arg)
     assert isinstance(config, ml_collections.ConfigDict)
     if config.task == 'classification':
-      assert config.pruning.name in classification.POLICIES
-      timm_convert.model_config(config.model.timm_name)
+      arch = timm_convert.model_config(config.model.timm_name)
+      model = vit_lib.ViT(num_classes=config.model.num_classes,
+                          **arch['model'])
+      pruning.build_spec(config.pruning, model)
     else:
       assert config.task == 'segmentation'
       assert config.eval.mode in ('whole', 'slide')

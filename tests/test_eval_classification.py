@@ -134,3 +134,44 @@ def test_cli_overrides_reach_the_config_and_errors_are_clear(tmp_path):
   res = subprocess.run(cmd[:3] + [f'--workdir={tmp_path}'], capture_output=True,
                        text=True, env=env, timeout=300, check=False)
   assert res.returncode != 0 and 'init_from is empty' in res.stderr
+
+
+def test_eval_with_an_in_block_reduction_matches_the_reference(converted,
+                                                              tmp_path):
+  """A ToMe row: top-1 of the official rule (tests/torch_token_reduction.py
+  on the same timm weights and transform), token counts, FLOPs, speed."""
+  from tests import torch_token_reduction  # pylint: disable=g-import-not-at-top
+  ref, ckpt = converted
+  config = _load_config(f'model={MODEL},dataset=imagenette,runlocal')
+  config.model.init_from = ckpt
+  config.data.num_examples = 6
+  config.data.batch_size = 6
+  config.eval.progress = False
+  config.eval.timing_iters = 1
+  config.eval.timing_rounds = 1
+  config.pruning.name = 'tome'
+  config.pruning.mode = 'buffer'
+  with tfds.testing.mock_data(num_examples=6,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    (row,) = eval_main.run(config, str(tmp_path))['rows']
+    source = tfds.data_source(DATASET, split='validation')
+    examples = [source[i] for i in range(6)]
+  transform = timm.data.create_transform(
+      **timm.data.resolve_data_config({}, model=ref))
+  batch = torch.stack([transform(Image.fromarray(np.asarray(e['image'])))
+                       for e in examples])
+  pred = torch_token_reduction.forward(
+      ref, batch, torch_token_reduction.tome([13] * 12)).argmax(-1).numpy()
+  imagenette_to_1k = [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+  labels = np.array([imagenette_to_1k[int(e['label'])] for e in examples])
+  assert row['top1'] == pytest.approx(100.0 * (pred == labels).mean())
+  assert row['policy'] == 'tome' and row['params'] == dict(
+      mode='buffer', r=13, inflect=0.0, prop_attn=True)
+  counts = [197 - 13 * i for i in range(13)]
+  assert row['tokens_per_block'] == counts[:-1]
+  assert row['mlp_tokens_per_block'] == counts[1:]
+  model = vit.create_vit('Ti/16')
+  assert row['gflops_effective'] == pytest.approx(
+      2 * flops.vit_macs(model, (224, 224), counts[:-1], counts[1:]) / 1e9)
+  assert row['realized_flop_ratio'] > 1.3   # 197 -> 41 tokens
+  assert row['speedup'] > 0

@@ -480,7 +480,7 @@ def test_config_defaults_and_spec():
 
 
 @pytest.mark.parametrize('cfg, match', [
-    (dict(name='tome'), r"'tome' is not a known pruning policy; known: .*dtop"),
+    (dict(name='nope'), r"'nope' is not a known pruning policy; known: .*dtop"),
     (dict(name='dtop', mode='ragged'), r'config.pruning.mode'),
     (dict(name='none', mode='ragged'), r'config.pruning.mode'),
     (dict(name='dtop', overflow='drop'), r'config.pruning.overflow'),

@@ -80,7 +80,8 @@ class Suite:
     return compiled, time.perf_counter() - t, _counted(
         lambda: flops.compiled_flops(compiled))
 
-  def _time(self, calls: Dict[str, Callable[[], Any]]) -> Dict[str, List[float]]:
+  def _time(self, calls: Dict[str, Callable[[], Any]]
+            ) -> Dict[str, List[float]]:
     s = self.sizes
     self.log(f'  timing {", ".join(calls)} interleaved ({s.warmup} warm-up, '
              f'{s.rounds} rounds of {s.iters})')
@@ -349,14 +350,15 @@ def _random_vit(name: str, img_size: int, rng: np.random.Generator):
 
 
 def _vit_gflops(model, params, images, hw) -> float:
-  """Analytic GFLOPs per image of a ViT forward: from the valid tokens of
-  every block (aux['valid_tokens']) when a policy prunes, else static."""
+  """Analytic GFLOPs per image of a ViT forward: from the valid tokens
+  entering every block and its MLP when a policy prunes, else static."""
   if getattr(model, 'pruning', None) is None:
     return 2 * float(flops.vit_macs(model, hw)) / 1e9
   _, aux = jax.jit(lambda p, x: model.apply({'params': p}, x,
                                             return_aux=True))(params, images)
   return 2 * float(np.mean(flops.vit_macs(
-      model, hw, np.asarray(aux['valid_tokens'])))) / 1e9
+      model, hw, np.asarray(aux['valid_tokens']),
+      np.asarray(aux['mlp_tokens'])))) / 1e9
 
 
 def _buffer_tokens(model, spec, hw) -> np.ndarray:

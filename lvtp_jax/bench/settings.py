@@ -34,6 +34,13 @@ class TorchRow:
 # mode (exact for these policies: their token counts are static).
 CLASSIFICATION = (
     Setting('unpruned', {}, 'timm-equal forward (tests/test_convert_timm.py)'),
+    Setting('evit', dict(name='evit', mode='buffer',
+                         evit=dict(keep_rate=0.7, layers=(4, 7, 10))),
+            'EViT README headline: keep rate 0.7 at blocks 4, 7, 10, fused '
+            'token (DeiT-S 3.0 GMACs)'),
+    Setting('tome', dict(name='tome', mode='buffer', tome=dict(r=13)),
+            'ToMe README ViT-S/B setting: r = 13 in every block, '
+            'proportional attention (DeiT-S 2.7 GMACs)'),
 )
 
 TORCH_ROWS = (

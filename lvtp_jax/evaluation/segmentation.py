@@ -36,7 +36,6 @@ token_accuracy (seg_runner: patch accuracy of the exited and the remaining
 patches, pruned vs unpruned).
 """
 
-import json
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -276,18 +275,6 @@ def effective_gflops(model: seg_lib.Segmenter, tokens: np.ndarray,
   return 2 * macs / 1e9 * windows_per_image
 
 
-def _policy_params(pcfg: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """What a results row records of config.pruning (JSON-friendly)."""
-  if pcfg.name == 'none':
-    return {}
-  block = pcfg.get(pcfg.name, ml_collections.ConfigDict())
-  out = dict(mode=pcfg.mode, aux_source=pcfg.aux_source,
-             layers=list(pcfg.layers), overflow=pcfg.overflow,
-             capacities=list(pcfg.capacities))
-  out.update(json.loads(block.to_json_best_effort()))
-  return out
-
-
 def evaluate_model(config: ml_collections.ConfigDict,
                    model: seg_lib.Segmenter, params: Any,
                    prep: Dict[str, Any], baseline: Optional[_Baseline] = None
@@ -330,7 +317,7 @@ def evaluate_model(config: ml_collections.ConfigDict,
   row = dict(
       name=config.eval.name or pcfg.name,
       policy=pcfg.name,
-      params=_policy_params(pcfg),
+      params=pruning.summary(pcfg),
       dataset=f'{config.data.name}:{config.data.split}',
       num_images=num,
       inference=dict(mode=config.eval.mode, size=list(forward_hw),

@@ -20,36 +20,46 @@ import jax
 import numpy as np
 
 
-def block_macs(tokens, width: int, mlp_dim: int):
+def block_macs(tokens, width: int, mlp_dim: int, mlp_tokens=None):
   """MACs of one pre-norm transformer block on `tokens` tokens.
 
-  qkv (3 D^2) + output projection (D^2) + MLP (2 D mlp) per token, plus
-  q @ k^T and attn @ v (2 K^2 D) over the K tokens.
+  qkv (3 D^2) + output projection (D^2) per token, q @ k^T and attn @ v
+  (2 K^2 D) over the K tokens, and the MLP (2 D mlp) per token it runs on:
+  `mlp_tokens` when an in-block reduction shrank the set between the
+  attention residual and the MLP (default: `tokens`).
   """
   k = np.asarray(tokens, np.float64)
-  return k * (4 * width * width + 2 * width * mlp_dim) + 2 * k * k * width
+  m = k if mlp_tokens is None else np.asarray(mlp_tokens, np.float64)
+  return k * 4 * width * width + 2 * k * k * width + m * 2 * width * mlp_dim
 
 
-def encoder_macs(model: Any, image_hw, tokens_per_block=None):
+def encoder_macs(model: Any, image_hw, tokens_per_block=None,
+                 mlp_tokens_per_block=None):
   """(patch count N, MACs of the patch embedding plus all encoder blocks).
 
   The image is padded to a multiple of the patch (Segmenter does; a ViT
   classifier only accepts multiples). `tokens_per_block` [..., depth]: tokens
   entering each block; default: prefix + all patches everywhere.
+  `mlp_tokens_per_block` [..., depth]: tokens each block's MLP runs on
+  (in-block reductions); default: the tokens entering the block.
   """
   p = model.patch_size
   n = (-(-image_hw[0] // p)) * (-(-image_hw[1] // p))
   if tokens_per_block is None:
     tokens_per_block = np.full((model.depth,), n + model.num_prefix)
   tokens = np.asarray(tokens_per_block, np.float64)
-  if tokens.shape[-1] != model.depth:
-    raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
-                     f'last axis, the model has {model.depth} blocks.')
-  blocks = block_macs(tokens, model.width, model.mlp_dim).sum(axis=-1)
+  for name, value in (('tokens_per_block', tokens),
+                      ('mlp_tokens_per_block', mlp_tokens_per_block)):
+    if value is not None and np.shape(value)[-1] != model.depth:
+      raise ValueError(f'{name} has {np.shape(value)[-1]} entries in its '
+                       f'last axis, the model has {model.depth} blocks.')
+  blocks = block_macs(tokens, model.width, model.mlp_dim,
+                      mlp_tokens_per_block).sum(axis=-1)
   return n, n * 3 * p * p * model.width + blocks
 
 
-def vit_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
+def vit_macs(model: Any, image_hw, tokens_per_block=None,
+             mlp_tokens_per_block=None) -> np.ndarray:
   """Analytic MACs per image of a ViT classifier forward.
 
   Args:
@@ -59,11 +69,14 @@ def vit_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
     tokens_per_block: [..., depth] tokens entering each block (valid tokens
       for the effective count, buffer capacities for the static count);
       default: no pruning, every block sees prefix + all patches.
+    mlp_tokens_per_block: [..., depth] tokens each block's MLP runs on
+      (aux['mlp_tokens'] of an in-block reduction); default: as entering.
 
   Returns:
     MACs with the leading shape of `tokens_per_block` (a scalar by default).
   """
-  _, encoder = encoder_macs(model, image_hw, tokens_per_block)
+  _, encoder = encoder_macs(model, image_hw, tokens_per_block,
+                            mlp_tokens_per_block)
   heads = model.num_classes * model.width * (2 if model.distilled else 1)
   return encoder + heads
 

@@ -13,13 +13,14 @@ of `pos_embed`, logits from the CLS token, distilled models averaging both
 heads.
 """
 
-from typing import Any, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lvtp_jax.models import posemb as posemb_lib
+from lvtp_jax.pruning import inblock as pruning_inblock
 from lvtp_jax.tokens import state as ts
 
 # name -> (width, depth, num_heads, mlp_dim)
@@ -184,7 +185,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, state: ts.TokenState, *, masked: bool = False,
                proportional: bool = False, want: FrozenSet[str] = frozenset(),
-               train: bool = False):
+               train: bool = False,
+               reduce: Optional[Callable[[ts.TokenState, Dict[str, jax.Array]],
+                                         ts.TokenState]] = None):
     """Returns (new_state, signals); `masked`/`proportional`/`want` are static.
 
     masked: apply the key mask from `state.valid` (False only when every slot
@@ -192,6 +195,9 @@ class Block(nn.Module):
     proportional: add log(size) to the attention logits (ToMe's proportional
       attention).
     want: subset of SIGNALS to return.
+    reduce: an in-block reduction (lvtp_jax/pruning/inblock.py), applied to
+      the buffer between the attention residual and the MLP, given the
+      signals in `want`; the MLP then runs on the buffer it returns.
     """
     unknown = set(want) - SIGNALS
     if unknown:
@@ -204,9 +210,11 @@ class Block(nn.Module):
     y, signals = Attention(self.num_heads, dtype=self.dtype, name='attn')(
         norm('norm1')(state.x), state.valid, log_size, masked=masked,
         want=frozenset(want))
+    state = state.replace(x=state.x + DropPath(self.drop_path)(y, train))
+    if reduce is not None:
+      state = reduce(state, signals)
+    y = Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(state.x))
     x = state.x + DropPath(self.drop_path)(y, train)
-    y = Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(x))
-    x = x + DropPath(self.drop_path)(y, train)
     return state.replace(x=x), signals
 
 
@@ -230,6 +238,9 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32         # compute dtype (params stay float32;
                                    # LayerNorm statistics, softmax and
                                    # logits stay float32)
+  # lvtp_jax.pruning.PruningSpec of an in-block reduction (set by
+  # lvtp_jax.pruning.attach); None: the unpruned forward.
+  pruning: Optional[Any] = None
 
   @property
   def num_prefix(self) -> int:
@@ -300,19 +311,26 @@ class ViT(nn.Module):
     """images [B, H, W, 3] -> logits [B, C] (and aux dict if return_aux).
 
     aux: 'tokens' [B, K, D] final-normed tokens, 'valid_tokens' [B, depth]
-    valid slots entering each block (what effective FLOPs are counted from).
+    valid slots entering each block and 'mlp_tokens' [B, depth] valid slots
+    each block's MLP ran on (what effective FLOPs are counted from); with
+    an in-block reduction (self.pruning) also 'state', the final TokenState
+    (sizes, and `src`: the slot of every patch).
     """
-    state, _ = self.embed(images)
-    valid_counts = []
-    for i in range(self.depth):
-      valid_counts.append(state.valid.sum(axis=1))
-      state, _ = self.run_block(i, state, train=train)
+    if self.pruning is not None:
+      state, aux = pruning_inblock.forward(self, images, train)
+    else:
+      state, _ = self.embed(images)
+      valid_counts = []
+      for i in range(self.depth):
+        valid_counts.append(state.valid.sum(axis=1))
+        state, _ = self.run_block(i, state, train=train)
+      counts = jnp.stack(valid_counts, axis=1)
+      aux = dict(valid_tokens=counts, mlp_tokens=counts)
     x = self.norm(state.x)
     logits = self.pool(x)
     if not return_aux:
       return logits
-    aux = dict(tokens=x, valid_tokens=jnp.stack(valid_counts, axis=1))
-    return logits, aux
+    return logits, dict(aux, tokens=x)
 
 
 def create_vit(variant: str = 'S/16', **kw) -> ViT:

@@ -1,4 +1,5 @@
-"""Token-pruning policies for the Segmenter (DESIGN §1; issue 5).
+"""Token-pruning policies (DESIGN §1): exit policies for the Segmenter,
+in-block reductions for the ViT classifier.
 
   model = lvtp_jax.pruning.attach(model, config.pruning)
   logits, aux = model.apply({'params': params}, images, return_aux=True)
@@ -7,7 +8,8 @@ The pruned model has the parameters of the unpruned one; `attach` puts a
 static PruningSpec on it (spec.py). Policies are registered by name
 (registry.py); the stage/canvas/buffer machinery is in engine.py; each
 policy lives in its own module (none.py, random_exit.py, dtop.py,
-lvtp.py with its parts tsallis.py, kmeans.py, lowlevel.py). A new
+lvtp.py with its parts tsallis.py, kmeans.py, lowlevel.py; the in-block
+reductions evit.py and tome.py on inblock.py's forward). A new
 policy is one module with a `registry.register(...)` call plus its import
 below.
 
@@ -21,9 +23,11 @@ import numpy as np
 
 # Policies register themselves on import.
 from lvtp_jax.pruning import dtop  # pylint: disable=unused-import
+from lvtp_jax.pruning import evit  # pylint: disable=unused-import
 from lvtp_jax.pruning import lvtp  # pylint: disable=unused-import
 from lvtp_jax.pruning import none  # pylint: disable=unused-import
 from lvtp_jax.pruning import random_exit  # pylint: disable=unused-import
+from lvtp_jax.pruning import tome  # pylint: disable=unused-import
 from lvtp_jax.measure import flops
 from lvtp_jax.pruning.engine import decision_flops
 from lvtp_jax.pruning.registry import get
@@ -41,6 +45,7 @@ from lvtp_jax.pruning.spec import OVERFLOW_RULES
 from lvtp_jax.pruning.spec import PruningSpec
 from lvtp_jax.pruning.spec import REASSEMBLE
 from lvtp_jax.pruning.spec import resolve
+from lvtp_jax.pruning.spec import summary
 
 
 def effective_macs(model: Any, tokens_per_block) -> np.ndarray:

@@ -26,6 +26,18 @@ Signals a policy can declare (SIGNALS):
                 (mean, std) to undo the normalisation with.
 Every signal is under `lax.stop_gradient`: decisions never carry gradients.
 
+Two kinds of policy (`Policy.kind`, DESIGN §1):
+
+In-block reductions ('reduce': evit, tome) act inside an encoder block,
+between its attention residual and its MLP, where their official code acts
+(lvtp_jax/pruning/inblock.py). `reduce` receives a ReduceContext (the
+buffer after the attention residual, all slots valid, prefix first, and the
+declared attention signals of that block) and returns the smaller buffer;
+how many tokens enter and leave every block is `token_counts`, a function
+of the config and the token count alone, so buffers are exact in buffer
+mode. Their signals are handed over as computed (not under stop_gradient):
+each policy stops the gradient where its official code does.
+
 Exit policies (random, dtop, lvtp) act at the stage boundaries, the blocks
 after which the model has an auxiliary head (or, with
 aux_source='final_head_on_intermediate', config.pruning.layers); `decide`
@@ -45,6 +57,7 @@ import ml_collections
 from lvtp_jax.pruning import ranking
 
 SIGNALS = frozenset({'aux_logits', 'cls_attn', 'attn', 'keys', 'image'})
+KINDS = ('exit', 'reduce')
 # Signals that come from the attention of the block ending at a boundary.
 ATTENTION_SIGNALS = frozenset({'cls_attn', 'attn', 'keys'})
 
@@ -89,13 +102,36 @@ class StageContext:
     return out.at[jnp.arange(b)[:, None], slot].set(values, mode='drop')
 
 
+@flax.struct.dataclass
+class ReduceContext:
+  """What an in-block reduction sees (a pytree; layer, n_out static).
+
+  Attributes:
+    layer: the (1-based) block the reduction acts in.
+    n_out: static number of slots of the buffer it returns (prefix
+      included): token_counts()[layer].
+    num_prefix: the prefix slots (CLS, dist) at the front, never reduced.
+    state: the buffer after the block's attention residual, n_in slots,
+      all valid, prefix first.
+    signals: the declared attention signals of the block on those slots.
+  """
+  layer: int = flax.struct.field(pytree_node=False)
+  n_out: int = flax.struct.field(pytree_node=False)
+  num_prefix: int = flax.struct.field(pytree_node=False)
+  state: Any
+  signals: Dict[str, jax.Array]
+
+
 class Policy:
   """Base class of a registered pruning policy.
 
-  Subclasses set `name` and `signals`, and override `config_defaults`,
-  `make_params`, `decide` (and `prepare` when they declare 'image').
+  Subclasses set `name`, `kind` and `signals`, and override
+  `config_defaults` and `make_params`; exit policies `decide` (and
+  `prepare` when they declare 'image'), in-block reductions `token_counts`,
+  `reduce` and `proportional`.
   """
   name: str = ''
+  kind: str = 'exit'             # KINDS
   signals: FrozenSet[str] = frozenset()
   # Exit policies need the auxiliary heads: their boundaries are the aux layers.
   needs_aux_heads: bool = True
@@ -134,6 +170,25 @@ class Policy:
     """[B, Kp] bool: the active patch slots that exit at this boundary."""
     raise NotImplementedError
 
+  def token_counts(self, params: Hashable, num_tokens: int, num_prefix: int,
+                   depth: int) -> Tuple[int, ...]:
+    """In-block reductions: [depth + 1] slots entering each block (prefix
+    included) and, last, leaving the final block; a ValueError names a
+    setting the model cannot take (say, a layer beyond its depth)."""
+    raise NotImplementedError
+
+  def reduce(self, ctx: ReduceContext, params: Hashable) -> Any:
+    """In-block reductions: the buffer of ctx.n_out slots (all valid) that
+    the block's MLP runs on; sizes add up on merges and `src` maps every
+    patch to the slot that represents it (-1: dropped)."""
+    raise NotImplementedError
+
+  def proportional(self, params: Hashable) -> bool:
+    """In-block reductions: add log(size) to the attention logits of the
+    blocks after the first reduction (ToMe's proportional attention)."""
+    del params
+    return False
+
 
 def ranks(keys: jax.Array) -> jax.Array:
   """[B, K] -> [B, K] int32: each slot's position in ascending key order.
@@ -156,6 +211,9 @@ def register(policy: Policy) -> Policy:
   if policy.name in _REGISTRY:
     raise ValueError(f'a pruning policy named {policy.name!r} is already '
                      'registered.')
+  if policy.kind not in KINDS:
+    raise ValueError(f'policy {policy.name!r} has kind {policy.kind!r}; '
+                     f'expected one of {KINDS}.')
   unknown = set(policy.signals) - SIGNALS
   if unknown:
     raise ValueError(f'policy {policy.name!r} declares unknown signals '

@@ -6,12 +6,18 @@ the unpruned one and every buffer size is a Python int at trace time.
 
 config.pruning fields (defaults in `config_defaults`):
   name        registry name: 'none' (the unpruned model, no pruning code
-              runs), 'random', 'dtop'; see lvtp_jax.pruning.names().
+              runs); exit policies for the Segmenter 'random', 'dtop',
+              'lvtp'; in-block reductions for a ViT 'evit', 'tome'; see
+              lvtp_jax.pruning.names().
   mode        'masked': every stage keeps all N patch slots and an exit only
               flips `valid` (exact reference semantics, no savings; the
               oracle). 'buffer': after stage boundary s the patch slots are
               gathered into a buffer of static capacity capacities[s]
-              (real savings).
+              (real savings). In-block reductions: masked keeps N slots
+              with the reduced tokens at the front and empty slots after,
+              buffer runs every block on exactly its token count
+              (lvtp_jax/pruning/inblock.py); the fields below are for
+              exit policies.
   aux_source  where the per-token class logits at a stage boundary come
               from: 'aux_heads' (default): the model's auxiliary heads, and
               the stage boundaries are config.model.aux_layers;
@@ -60,11 +66,13 @@ config.pruning fields (defaults in `config_defaults`):
 """
 
 import dataclasses
+import json
 import math
-from typing import Any, Hashable, Optional, Tuple
+from typing import Any, Dict, Hashable, Optional, Tuple
 
 import ml_collections
 
+from lvtp_jax.pruning import inblock
 from lvtp_jax.pruning import registry
 
 MODES = ('masked', 'buffer')
@@ -224,10 +232,14 @@ def build_spec(cfg: Optional[Any], model: Any,
         f'0 and quantile={cfg.calibrate.quantile} in (0, 1].')
   if cfg.name == 'none':
     return None
+  if policy.kind == 'reduce':
+    return _reduce_spec(cfg, policy, model)
   if not hasattr(model, 'aux_layers'):
     raise ValueError(
-        f'config.pruning.name={cfg.name!r} needs a Segmenter; got a '
-        f'{type(model).__name__}.')
+        f'config.pruning.name={cfg.name!r} exits tokens at auxiliary heads '
+        f'and needs a Segmenter; got a {type(model).__name__}. In-block '
+        f'reductions run on a ViT: '
+        f'{[n for n in registry.names() if registry.get(n).kind == "reduce"]}.')
   aux_layers = tuple(sorted(set(model.aux_layers)))
   layers = tuple(sorted(set(cfg.layers)))
   if cfg.aux_source == 'aux_heads':
@@ -290,11 +302,47 @@ def build_spec(cfg: Optional[Any], model: Any,
       normalization=normalization if policy.needs_normalization else None)
 
 
+def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
+                 model: Any) -> PruningSpec:
+  """The spec of an in-block reduction (lvtp_jax/pruning/inblock.py)."""
+  if hasattr(model, 'aux_layers'):
+    raise ValueError(
+        f'config.pruning.name={cfg.name!r} is an in-block reduction; on the '
+        'Segmenter it needs dense reassembly of the reduced tokens, which is '
+        'not built yet. Use it on a ViT classifier, or an exit policy '
+        "('dtop', 'lvtp', 'random') on the Segmenter.")
+  params = policy.make_params(cfg.get(cfg.name, ml_collections.ConfigDict()),
+                              0)
+  grid = model.img_size // model.patch_size
+  inblock.validate_counts(policy, params, model.num_prefix + grid * grid,
+                          model.num_prefix, model.depth)
+  return PruningSpec(
+      name=cfg.name, mode=cfg.mode, aux_source=cfg.aux_source, boundaries=(),
+      exit_layers=(), capacities=(), overflow=cfg.overflow,
+      reassemble='logits', params=params)
+
+
+def summary(cfg: Any) -> Dict[str, Any]:
+  """What a results row records of config.pruning (JSON-friendly): the
+  mode, the exit-engine fields for exit policies, and the policy's block."""
+  cfg = resolve(cfg)
+  if cfg.name == 'none':
+    return {}
+  out = dict(mode=cfg.mode)
+  if registry.get(cfg.name).kind == 'exit':
+    out.update(aux_source=cfg.aux_source, layers=list(cfg.layers),
+               overflow=cfg.overflow, capacities=list(cfg.capacities))
+  block = cfg.get(cfg.name, ml_collections.ConfigDict())
+  out.update(json.loads(block.to_json_best_effort()))
+  return out
+
+
 def attach(model: Any, cfg: Optional[Any], normalization: Any = None) -> Any:
   """`model` running the policy of config.pruning (same parameters).
 
   Args:
-    model: a Segmenter (a ViT classifier accepts only 'none' for now).
+    model: a Segmenter (exit policies) or a ViT classifier (in-block
+      reductions, kind 'reduce').
     cfg: config.pruning, or None.
     normalization: dict(mean, std) in 0..1 units of the input images, for
       policies that read pixels (see build_spec).

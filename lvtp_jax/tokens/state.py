@@ -181,6 +181,51 @@ def compact(state: TokenState, keep: jax.Array, capacity: int,
   return new_state, idx, overflow
 
 
+def pad(state: TokenState, capacity: int) -> TokenState:
+  """Appends empty slots (zero features, size 0, invalid) up to `capacity`.
+
+  Masked-mode buffers of the in-block reductions keep their capacity this
+  way: the empty slots are masked as attention keys, and their zero
+  features keep every computation on them finite.
+  """
+  b, k, d = state.x.shape
+  if capacity < k:
+    raise ValueError(f'cannot pad a buffer of {k} slots to {capacity}.')
+  extra = capacity - k
+  return TokenState(
+      x=jnp.concatenate([state.x, jnp.zeros((b, extra, d), state.x.dtype)],
+                        axis=1),
+      valid=jnp.concatenate([state.valid, jnp.zeros((b, extra), bool)],
+                            axis=1),
+      size=jnp.concatenate([state.size, jnp.zeros((b, extra),
+                                                  state.size.dtype)], axis=1),
+      src=state.src)
+
+
+def new_slots(order: jax.Array, representative: jax.Array) -> jax.Array:
+  """The old -> new slot map of a reduction that keeps or merges slots.
+
+  Args:
+    order: [B, M] the old slot each new slot is built on (its own features
+      or the destination of a merge), each old slot at most once.
+    representative: [B, K] for every old slot the old slot it ends up in:
+      itself when kept or a merge destination, the destination when merged
+      away, -1 when dropped.
+
+  Returns:
+    [B, K] new slot of every old slot, or -1 (remap_src composes it with
+    src). A compare-and-reduce ([B, M, K]) instead of a scatter.
+  """
+  k = representative.shape[1]
+  m = order.shape[1]
+  hit = order[:, :, None] == jnp.arange(k, dtype=order.dtype)[None, None, :]
+  slot_of = jnp.where(hit.any(axis=1),
+                      jnp.sum(jnp.where(hit, jnp.arange(m)[None, :, None], 0),
+                              axis=1), -1)                       # [B, K]
+  new = jnp.take_along_axis(slot_of, jnp.maximum(representative, 0), axis=1)
+  return jnp.where(representative >= 0, new, -1).astype(jnp.int32)
+
+
 def patch_values(values: jax.Array, src: jax.Array,
                  fill: float = 0.0) -> jax.Array:
   """Reassembles per-slot values into per-patch values ("unmerge").

@@ -1,0 +1,139 @@
+"""In-block token reduction: the ViT forward with EViT, ToMe and their kin.
+
+An in-block reduction (registry.Policy with kind 'reduce') acts inside an
+encoder block, between the attention residual and the MLP, as the official
+EViT, ToMe and GTP code does: the block's attention runs on all n_in tokens
+and its MLP on the n_out the policy returns (DESIGN §1). How many tokens
+enter and leave every block is `policy.token_counts(params, N, prefix,
+depth)`, a function of the config and the token count alone, so:
+
+  buffer  every block runs on a buffer of exactly its token count: the
+          savings are real and no slot is ever empty;
+  masked  the buffer keeps its N slots: the policy's output (n_out tokens,
+          in its order) fills the front and the rest are empty slots,
+          masked as attention keys. The oracle: same math, no savings; the
+          tests check masked == buffer.
+
+The policy always sees a buffer of n_in valid slots, prefix first, in the
+order the previous reduction left them (the even/odd split of ToMe and the
+score order of EViT depend on it): in masked mode the valid slots are first
+moved to the front (`ts.compact`, which keeps their order), with the
+attention signals gathered alike.
+
+Proportional attention (log size added to the attention logits) is the
+policy's choice (`policy.proportional`); like the official ToMe, it starts
+in the block after the first reduction (sizes are all 1 before).
+"""
+
+import functools
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from lvtp_jax.pruning import registry
+from lvtp_jax.tokens import state as ts
+
+
+def _take_slots(signal: jax.Array, name: str, idx: jax.Array) -> jax.Array:
+  """A block's attention signal restricted to the slots `idx` [B, M]."""
+  take = lambda a, axis: jnp.take_along_axis(
+      a, jnp.expand_dims(idx, tuple(range(1, axis)) +
+                         tuple(range(axis + 1, a.ndim))), axis=axis)
+  if name == 'cls_attn':    # [B, H, K]
+    return take(signal, 2)
+  if name == 'keys':        # [B, H, K, hd]
+    return take(signal, 2)
+  if name == 'attn':        # [B, H, K, K]
+    return take(take(signal, 2), 3)
+  raise ValueError(f'no slot axis known for signal {name!r}.')
+
+
+def reduce_block(state: ts.TokenState, signals: Dict[str, jax.Array], *,
+                 policy: registry.Policy, params: Any, layer: int, n_in: int,
+                 n_out: int, capacity: int, num_prefix: int) -> ts.TokenState:
+  """One in-block reduction (Block's `reduce` hook).
+
+  Args:
+    state: the buffer after the attention residual (n_in valid slots; in
+      masked mode inside a larger buffer).
+    signals: the block's attention signals the policy declared.
+    policy, params: the registered policy and its validated parameters.
+    layer: the 1-based block.
+    n_in, n_out: static token counts entering and leaving the block.
+    capacity: slots of the returned buffer (n_out in buffer mode, the
+      input's capacity in masked mode).
+    num_prefix: prefix slots at the front.
+
+  Returns:
+    The reduced buffer, padded with empty slots up to `capacity`.
+  """
+  if state.capacity != n_in:
+    state, idx, _ = ts.compact(state, state.valid, n_in, num_prefix)
+    signals = {k: _take_slots(v, k, idx) for k, v in signals.items()}
+  out = policy.reduce(registry.ReduceContext(
+      layer=layer, n_out=n_out, num_prefix=num_prefix, state=state,
+      signals=signals), params)
+  if out.capacity != n_out:
+    raise ValueError(f'policy {policy.name!r} returned {out.capacity} slots '
+                     f'at block {layer}; its token_counts say {n_out}.')
+  return ts.pad(out, capacity) if capacity > n_out else out
+
+
+def forward(model: Any, images: jax.Array, train: bool
+            ) -> Tuple[ts.TokenState, Dict[str, jax.Array]]:
+  """The encoder of a ViT with an in-block reduction (model.pruning).
+
+  Args:
+    model: the ViT (inside apply).
+    images: [B, H, W, 3].
+    train: training mode (drop-path).
+
+  Returns:
+    (state, aux): the final buffer (before the final LayerNorm), and
+    'valid_tokens' / 'mlp_tokens' [B, depth] int32 valid slots entering
+    each block and its MLP, 'state' the final TokenState.
+  """
+  spec = model.pruning
+  policy = registry.get(spec.name)
+  state, _ = model.embed(images)
+  p = model.num_prefix
+  counts = policy.token_counts(spec.params, state.capacity, p, model.depth)
+  masked = spec.mode == 'masked'
+  proportional = policy.proportional(spec.params)
+  want = policy.signals & registry.ATTENTION_SIGNALS
+  valid, mlp = [], []
+  reduced = False
+  for i in range(model.depth):
+    n_in, n_out = counts[i], counts[i + 1]
+    valid.append(state.valid.sum(axis=1, dtype=jnp.int32))
+    reduce = None
+    if n_out != n_in:
+      reduce = functools.partial(
+          reduce_block, policy=policy, params=spec.params, layer=i + 1,
+          n_in=n_in, n_out=n_out,
+          capacity=state.capacity if masked else n_out, num_prefix=p)
+    state, _ = model.run_block(
+        i, state, masked=masked and reduced,
+        proportional=proportional and reduced,
+        want=want if reduce else frozenset(), train=train, reduce=reduce)
+    mlp.append(state.valid.sum(axis=1, dtype=jnp.int32))
+    reduced = reduced or reduce is not None
+  return state, dict(valid_tokens=jnp.stack(valid, axis=1),
+                     mlp_tokens=jnp.stack(mlp, axis=1), state=state)
+
+
+def validate_counts(policy: registry.Policy, params: Any, num_tokens: int,
+                    num_prefix: int, depth: int) -> Tuple[int, ...]:
+  """policy.token_counts, checked: depth + 1 non-increasing counts that
+  keep the prefix; a ValueError names the policy otherwise."""
+  counts = tuple(int(c) for c in policy.token_counts(params, num_tokens,
+                                                     num_prefix, depth))
+  if (len(counts) != depth + 1 or counts[0] != num_tokens
+      or any(b > a for a, b in zip(counts, counts[1:]))
+      or counts[-1] < num_prefix):
+    raise ValueError(
+        f'policy {policy.name!r} gave token counts {counts} for {num_tokens} '
+        f'tokens and {depth} blocks; expected {depth + 1} non-increasing '
+        f'counts from {num_tokens} down to at least {num_prefix}.')
+  return counts

@@ -1,0 +1,131 @@
+"""PyTorch references of EViT and ToMe on timm's VisionTransformer blocks.
+
+Written here from ../shared/specs/classification_policies.md §2 and §3 and
+the behaviour of the official code (youweiliang/evit `evit.py`,
+facebookresearch/ToMe `tome/merge.py`, `tome/patch/timm.py`), which these
+functions restate in plain PyTorch rather than import or copy: the parity
+tests compare lvtp_jax's JAX policies against them, never against lvtp_jax
+itself. Ties, which the official code leaves to torch's unspecified sort
+order, are broken as lvtp_jax documents (the lower position first).
+
+`forward(model, images, reduce)` runs a timm VisionTransformer (eval mode)
+with `reduce(block_index, x, attn, keys, state)` applied between each
+block's attention residual and its MLP; `state['size']` holds ToMe's token
+sizes and turns on proportional attention when `state['prop_attn']`.
+"""
+
+import math
+
+import torch
+
+
+def _attention(block, x, log_size):
+  """timm Attention on x [B, N, C]: (output, softmax map, keys)."""
+  attn = block.attn
+  b, n, c = x.shape
+  h = attn.num_heads
+  qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+  q, k, v = qkv[0], qkv[1], qkv[2]
+  logits = (q * attn.scale) @ k.transpose(-2, -1)
+  if log_size is not None:
+    logits = logits + log_size[:, None, None, :]
+  probs = logits.softmax(dim=-1)
+  out = (probs @ v).transpose(1, 2).reshape(b, n, c)
+  return attn.proj(out), probs, k
+
+
+@torch.no_grad()
+def forward(model, images_nchw, reduce):
+  """Logits of a timm ViT/DeiT with an in-block reduction."""
+  x = model.patch_embed(images_nchw)
+  x = model._pos_embed(x)  # pylint: disable=protected-access
+  x = model.norm_pre(x)
+  state = dict(size=None, prop_attn=False)
+  for i, block in enumerate(model.blocks):
+    log_size = None
+    if state['prop_attn'] and state['size'] is not None:
+      log_size = state['size'].log()
+    y, probs, keys = _attention(block, block.norm1(x), log_size)
+    x = x + block.ls1(y)
+    x = reduce(i, x, probs, keys, state)
+    x = x + block.ls2(block.mlp(block.norm2(x)))
+  return model.forward_head(model.norm(x))
+
+
+def evit(layers, keep_rate, fuse_token=True):
+  """EViT in the blocks `layers` (1-based); §2.1 and evit.py."""
+  zero_based = {k - 1 for k in layers}
+
+  def reduce(i, x, probs, keys, state):
+    del keys, state
+    if i not in zero_based:
+      return x
+    b, n, c = x.shape
+    left = math.ceil(keep_rate * (n - 1))
+    if left == n - 1:
+      return x
+    score = probs[:, :, 0, 1:].mean(dim=1)                     # [B, N-1]
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    kept_idx = order[:, :left]
+    others = x[:, 1:]
+    kept = others.gather(1, kept_idx[..., None].expand(-1, -1, c))
+    parts = [x[:, :1], kept]
+    if fuse_token:
+      dropped = torch.ones(b, n - 1, dtype=torch.bool)
+      dropped.scatter_(1, kept_idx, False)
+      weights = torch.where(dropped, score, torch.zeros_like(score))
+      parts.append((others * weights[..., None]).sum(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+  return reduce
+
+
+def tome_schedule(r, inflect, depth):
+  """The official parse_r for (r, inflect): a truncated linear ramp."""
+  start = int(r * (1.0 - inflect))
+  step = (2 * r - 2 * start) / (depth - 1)
+  return [int(start + step * i) for i in range(depth)]
+
+
+def tome(rs, distill_token=False, prop_attn=True):
+  """ToMe with rs[i] tokens merged in block i (0-based); §3.1."""
+  protected = 2 if distill_token else 1
+
+  def reduce(i, x, probs, keys, state):
+    del probs
+    state['prop_attn'] = prop_attn
+    b, n, c = x.shape
+    r = min(rs[i], (n - protected) // 2)
+    if r <= 0:
+      return x
+    size = state['size'] if state['size'] is not None else torch.ones(b, n)
+    metric = keys.mean(dim=1)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, bb = metric[:, ::2], metric[:, 1::2]
+    scores = a @ bb.transpose(-1, -2)
+    scores[:, 0, :] = -math.inf
+    if distill_token:
+      scores[:, :, 0] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+    src_idx = order[:, :r]
+    unm_idx = order[:, r:].sort(dim=-1).values
+    dst_idx = node_idx.gather(1, src_idx)
+    weighted = x * size[..., None]
+    xa, xb = weighted[:, ::2], weighted[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    xb = xb.scatter_add(1, dst_idx[..., None].expand(-1, -1, c),
+                        xa.gather(1, src_idx[..., None].expand(-1, -1, c)))
+    sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
+    xu = xa.gather(1, unm_idx[..., None].expand(-1, -1, c))
+    su = sa.gather(1, unm_idx)
+    if distill_token:
+      x = torch.cat([xu[:, :1], xb[:, :1], xu[:, 1:], xb[:, 1:]], dim=1)
+      size = torch.cat([su[:, :1], sb[:, :1], su[:, 1:], sb[:, 1:]], dim=1)
+    else:
+      x = torch.cat([xu, xb], dim=1)
+      size = torch.cat([su, sb], dim=1)
+    state['size'] = size
+    return x / size[..., None]
+
+  return reduce
