@@ -215,3 +215,11 @@ def test_bench_cli_with_profile(capsys):
   out = capsys.readouterr().out
   assert 'speed ratio lvtp_jax / timm' in out
   assert 'mlp/fc1/dot_general' in out and 'aten::' in out
+
+
+def test_official_benchmark_names_a_bad_checkout(tmp_path):
+  from lvtp_jax.bench import official  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit, match='is not a directory'):
+    official._import_from(str(tmp_path / 'missing'), 'tome')  # pylint: disable=protected-access
+  with pytest.raises(SystemExit, match="cannot import 'nonexistent_pkg'"):
+    official._import_from(str(tmp_path), 'nonexistent_pkg')  # pylint: disable=protected-access
