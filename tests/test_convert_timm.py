@@ -7,6 +7,7 @@ init. Limit: max |logits difference| <= 1e-4 x max |logits|, float32.
 """
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -94,31 +95,98 @@ def test_resampled_pos_embed_matches_timm_loader(name, src_size, dst_size):
   assert_close(ours_logits(model, params, x), timm_logits(dst, x))
 
 
-def test_known_models_match_timm_registry():
-  """Every name we accept exists in timm with the same shapes and data cfg."""
-  for name in timm_convert.KNOWN_MODELS:
-    cfg = timm_convert.model_config(name)
-    pcfg = timm.models.get_pretrained_cfg(name)
-    np.testing.assert_allclose(cfg['data']['mean'], pcfg.mean)
-    np.testing.assert_allclose(cfg['data']['std'], pcfg.std)
-    assert cfg['data']['crop_pct'] == pcfg.crop_pct, name
-    assert cfg['data']['interpolation'] == pcfg.interpolation, name
-    assert cfg['data']['img_size'] == pcfg.input_size[-1], name
-    with torch.device('meta'):
-      ref = timm.create_model(name, pretrained=False)
-    ours = timm_convert.expected_shapes(
-        timm_convert.vit_lib.ViT(num_classes=1000, **cfg['model']))
-    theirs = {}
-    for key, p in ref.state_dict().items():
-      path, arr = timm_convert.convert_array(
-          key, np.broadcast_to(np.float32(0), tuple(p.shape)))
-      theirs[path] = tuple(arr.shape)
-    assert theirs == ours, name
+def _timm_shapes(name):
+  """Flax path -> shape of every parameter of timm's `name` (meta device)."""
+  with torch.device('meta'):
+    ref = timm.create_model(name, pretrained=False)
+  shapes = {}
+  for key, p in ref.state_dict().items():
+    path, arr = timm_convert.convert_array(
+        key, np.broadcast_to(np.float32(0), tuple(p.shape)))
+    shapes[path] = tuple(arr.shape)
+  return ref, shapes
 
 
-def test_unknown_model_lists_known_ones():
-  with pytest.raises(ValueError, match='Known models: deit_tiny_patch16_224'):
+def test_every_registered_vit_is_converted_or_refused_by_name():
+  """Every timm vit_* / deit* name: our architecture has timm's exact
+  parameter shapes and data config, or the error names what is missing."""
+  converted, refused = [], []
+  for name in timm.list_models(['vit_*', 'deit*']):
+    try:
+      cfg = timm_convert.model_config(name)
+    except ValueError as e:
+      assert "needs what lvtp_jax's ViT does not have:" in str(e), name
+      refused.append(name)
+      continue
+    ref, theirs = _timm_shapes(name)
+    model = timm_convert.vit_lib.ViT(num_classes=ref.num_classes,
+                                     **cfg['model'])
+    assert timm_convert.expected_shapes(model) == theirs, name
+    pcfg = ref.pretrained_cfg
+    np.testing.assert_allclose(cfg['data']['mean'], pcfg['mean'])
+    assert cfg['data']['crop_pct'] == pcfg['crop_pct'], name
+    assert cfg['data']['img_size'] == pcfg['input_size'][-1], name
+    # Without timm the plain names give the same architecture.
+    if timm_convert._NAME_RE.match(name):  # pylint: disable=protected-access
+      assert timm_convert._name_architecture(name)['model'] == cfg[  # pylint: disable=protected-access
+          'model'], name
+    converted.append(name)
+  # The families the papers use are all in.
+  for name in ('vit_small_patch8_224', 'deit3_small_patch16_224',
+               'vit_base_patch14_dinov2', 'deit_base_distilled_patch16_384',
+               'vit_huge_patch14_224', 'vit_large_patch32_384'):
+    assert name in converted, name
+  assert len(converted) >= 40, len(converted)   # timm 1.0.31: 42 of 230
+  assert 'vit_small_patch14_reg4_dinov2' in refused
+
+
+@pytest.mark.parametrize('name, size', [
+    ('vit_small_patch8_224', 64),           # DINO ViT-S/8 (GTP's model)
+    ('deit3_small_patch16_224', 224),       # layer scale, no_embed_class
+    ('vit_small_patch14_dinov2', 98),       # patch 14, layer scale, no head
+])
+def test_more_architectures_match_timm(name, size):
+  ref = perturbed_timm(name, img_size=size)
+  model, params = from_timm(name, ref.state_dict(), img_size=size)
+  x = images(2, size)
+  assert_close(ours_logits(model, params, x), timm_logits(ref, x))
+
+
+def test_average_pooling_with_fc_norm_matches_timm():
+  """A model fine-tuned with global_pool='avg' (as MAE's): read from the
+  state dict (fc_norm, no norm); also under ToMe, whose MAE rule weighs
+  the pooled tokens by their size."""
+  from tests import torch_token_reduction as ref_lib  # pylint: disable=g-import-not-at-top
+  from lvtp_jax import pruning  # pylint: disable=g-import-not-at-top
+  ref = perturbed_timm('vit_small_patch16_224', global_pool='avg')
+  model, params = from_timm('vit_small_patch16_224', ref.state_dict())
+  assert (model.global_pool, model.fc_norm) == ('avg', True)
+  x = images(2, 224, seed=5)
+  assert_close(ours_logits(model, params, x), timm_logits(ref, x))
+  tome = pruning.attach(model, dict(name='tome', mode='buffer',
+                                    tome=dict(r=13, prop_attn=False)))
+  want = ref_lib.forward(ref, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                         ref_lib.tome([13] * 12, prop_attn=False)).numpy()
+  assert_close(ours_logits(tome, params, x), want)
+
+
+def test_unsupported_models_are_named():
+  with pytest.raises(ValueError, match='register tokens'):
+    from_timm('vit_small_patch14_reg4_dinov2', {})
+  with pytest.raises(ValueError, match=r'pre_norm, as CLIP'):
+    from_timm('vit_base_patch16_clip_224', {})
+  with pytest.raises(ValueError, match='the ResNet architecture'):
     from_timm('resnet50', {})
+  with pytest.raises(ValueError, match="unknown timm model 'no_such_vit'"):
+    from_timm('no_such_vit', {})
+
+
+def test_names_without_timm(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'timm', None)   # import timm fails
+  cfg = timm_convert.model_config('deit3_small_patch16_224.fb_in1k')
+  assert cfg['model']['layer_scale'] and cfg['model']['no_embed_class']
+  with pytest.raises(ValueError, match='Install timm'):
+    timm_convert.model_config('vit_small_patch14_dinov2')
 
 
 def test_tag_suffix_is_accepted():

@@ -49,7 +49,13 @@ def forward(model, images_nchw, reduce):
     x = x + block.ls1(y)
     x = reduce(i, x, probs, keys, state)
     x = x + block.ls2(block.mlp(block.norm2(x)))
-  return model.forward_head(model.norm(x))
+  x = model.norm(x)
+  if model.global_pool == 'avg' and state['size'] is not None:
+    # ToMe's MAE patch: the average pool weighs every token by its size.
+    size = state['size'][:, 1:, None]
+    pooled = (x[:, 1:] * size).sum(dim=1) / size.sum(dim=1)
+    return model.head(model.fc_norm(pooled))
+  return model.forward_head(x)
 
 
 def evit(layers, keep_rate, fuse_token=True):

@@ -21,56 +21,154 @@ from lvtp_jax.models import posemb as posemb_lib
 from lvtp_jax.models import vit as vit_lib
 
 
-_SIZES = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L'}
+# name part -> (width, depth, heads) of timm's ViT/DeiT sizes.
+_SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6),
+          'medium': (512, 12, 8), 'base': (768, 12, 12),
+          'large': (1024, 24, 16), 'huge': (1280, 32, 16)}
+_NAME_RE = re.compile(r'^(deit3|deit|vit)_(tiny|small|medium|base|large|huge)'
+                      r'(_distilled)?_patch(\d+)_(\d+)$')
+# What lvtp_jax's ViT has of timm's VisionTransformer.
+SUPPORTED = ('a class token (and a DeiT distillation token), a learned '
+             'position embedding with or without rows for them, LayerNorm, '
+             'exact GELU, qkv with bias, layer scale, CLS-token or average '
+             'pooling, fc_norm')
 
-# The timm architectures this converter knows (timm 1.0.31 names; a ".tag"
-# suffix such as ".fb_in1k" is accepted and ignored). Every one of them is
-# checked against timm's own registry in tests/test_convert_timm.py.
-KNOWN_MODELS = (
-    'deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224',
-    'deit_base_patch16_384',
-    'deit_tiny_distilled_patch16_224', 'deit_small_distilled_patch16_224',
-    'deit_base_distilled_patch16_224', 'deit_base_distilled_patch16_384',
-    'vit_tiny_patch16_224', 'vit_tiny_patch16_384',
-    'vit_small_patch16_224', 'vit_small_patch16_384',
-    'vit_small_patch32_224', 'vit_small_patch32_384',
-    'vit_base_patch8_224',
-    'vit_base_patch16_224', 'vit_base_patch16_384',
-    'vit_base_patch32_224', 'vit_base_patch32_384',
-    'vit_large_patch16_224', 'vit_large_patch16_384',
-    'vit_large_patch32_384',
-)
-_NAME_RE = re.compile(
-    r'^(deit|vit)_(tiny|small|base|large)(_distilled)?_patch(\d+)_(\d+)$')
+
+def _timm_architecture(model_name: str) -> Dict[str, Any]:
+  """model_config from timm's own module of `model_name` (timm installed).
+
+  The module is built on PyTorch's meta device (shapes only, no weights)
+  and its modules are read: every size, patch and resolution timm registers
+  is taken as it is, and whatever lvtp_jax's ViT cannot express is named.
+  """
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    with torch.device('meta'):
+      m = timm.create_model(model_name, pretrained=False)
+  except RuntimeError as e:  # timm: "Unknown model (...)"
+    raise ValueError(
+        f'unknown timm model {model_name!r} ({e}); lvtp_jax converts timm '
+        'VisionTransformer models (vit_*, deit_*, deit3_*; see '
+        "timm.list_models('vit_*')).") from None
+  identity = torch.nn.Identity
+  is_identity = lambda module, name: isinstance(
+      getattr(module, name, None) or identity(), identity)
+  missing = []
+  kind = type(m).__name__
+  if kind not in ('VisionTransformer', 'VisionTransformerDistilled'):
+    missing.append(f'the {kind} architecture')
+  else:
+    b = m.blocks[0]
+    if type(b).__name__ != 'Block':
+      missing.append(f'{type(b).__name__} blocks')
+    else:
+      qkv = getattr(b.attn, 'qkv', None)
+      if qkv is None or qkv.bias is None:
+        missing.append('a qkv projection without bias (or split q, k, v)')
+      if not all(is_identity(b.attn, a) for a in ('q_norm', 'k_norm',
+                                                   'norm')):
+        missing.append('q/k or attention-output normalisation')
+      act = getattr(b.mlp, 'act', None)
+      if (type(b.mlp).__name__ != 'Mlp' or type(act).__name__ != 'GELU'
+          or getattr(act, 'approximate', 'none') != 'none'):
+        missing.append(f'a {type(b.mlp).__name__} MLP with '
+                       f'{type(act).__name__} (lvtp_jax: Mlp with exact '
+                       'GELU)')
+      if type(b.norm1).__name__ != 'LayerNorm':
+        missing.append(f'{type(b.norm1).__name__} normalisation')
+    if getattr(m, 'cls_token', None) is None:
+      missing.append('no class token')
+    if getattr(m, 'reg_token', None) is not None:
+      missing.append('register tokens')
+    if not is_identity(m, 'norm_pre'):
+      missing.append('a LayerNorm before the blocks (pre_norm, as CLIP)')
+    if m.global_pool not in vit_lib.POOLS:
+      missing.append(f'{m.global_pool!r} pooling')
+    if getattr(m, 'pos_embed', None) is None:
+      missing.append('no learned position embedding')
+    if is_identity(m, 'norm') and is_identity(m, 'fc_norm'):
+      missing.append('no final LayerNorm')
+    if type(m.patch_embed).__name__ != 'PatchEmbed':
+      missing.append(f'a {type(m.patch_embed).__name__} patch embedding')
+    elif not is_identity(m.patch_embed, 'norm'):
+      missing.append('a norm in the patch embedding')
+  if missing:
+    raise ValueError(
+        f"timm model {model_name!r} needs what lvtp_jax's ViT does not "
+        f'have: {"; ".join(missing)}. Supported: {SUPPORTED}.')
+  patch, img = m.patch_embed.patch_size, m.patch_embed.img_size
+  if patch[0] != patch[1] or img[0] != img[1]:
+    raise ValueError(f'timm model {model_name!r} has non-square patches or '
+                     f"input ({patch}, {img}); lvtp_jax's ViT is square.")
+  cfg = m.pretrained_cfg
+  return dict(
+      model=dict(width=m.embed_dim, depth=len(m.blocks),
+                 num_heads=m.blocks[0].attn.num_heads,
+                 mlp_dim=m.blocks[0].mlp.fc1.out_features,
+                 patch_size=patch[0], img_size=img[0],
+                 distilled=getattr(m, 'dist_token', None) is not None,
+                 ln_eps=m.blocks[0].norm1.eps, posemb_resize='bicubic',
+                 layer_scale=not is_identity(m.blocks[0], 'ls1'),
+                 no_embed_class=bool(m.no_embed_class),
+                 global_pool=m.global_pool,
+                 fc_norm=not is_identity(m, 'fc_norm')),
+      data=dict(mean=tuple(cfg['mean']), std=tuple(cfg['std']),
+                crop_pct=cfg['crop_pct'],
+                interpolation=cfg['interpolation'],
+                img_size=cfg['input_size'][-1]))
+
+
+def _name_architecture(model_name: str) -> Dict[str, Any]:
+  """model_config from the name alone (timm not installed): the plain
+  {vit,deit,deit3}_<size>[_distilled]_patch<P>_<R> family."""
+  m = _NAME_RE.match(model_name)
+  if m is None:
+    raise ValueError(
+        f'cannot read the architecture of timm model {model_name!r} from '
+        'its name; without timm installed lvtp_jax knows the names '
+        '{vit,deit,deit3}_{tiny,small,medium,base,large,huge}[_distilled]'
+        '_patch<P>_<R> (e.g. deit_small_patch16_224). Install timm '
+        '(requirements-parity.txt) to convert any timm ViT it expresses.')
+  family, size, distilled, patch, img = m.groups()
+  width, depth, heads = _SIZES[size]
+  img = int(img)
+  deit = family.startswith('deit')
+  return dict(
+      model=dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
+                 patch_size=int(patch), img_size=img,
+                 distilled=bool(distilled), ln_eps=1e-6,
+                 posemb_resize='bicubic', layer_scale=family == 'deit3',
+                 no_embed_class=family == 'deit3', global_pool='token',
+                 fc_norm=False),
+      data=dict(
+          mean=(constants.IMAGENET_DEFAULT_MEAN if deit
+                else constants.IMAGENET_INCEPTION_MEAN),
+          std=(constants.IMAGENET_DEFAULT_STD if deit
+               else constants.IMAGENET_INCEPTION_STD),
+          crop_pct=1.0 if family == 'deit3' or img != 224 else 0.9,
+          interpolation='bicubic', img_size=img))
 
 
 def model_config(model_name: str) -> Dict[str, Any]:
-  """Architecture and data config of a known timm model name.
+  """Architecture and data config of a timm ViT/DeiT model name.
+
+  With timm installed, read from timm's own module for that name: any
+  registered vit_* / deit_* / deit3_* model that lvtp_jax's ViT expresses,
+  and a ValueError naming what it cannot (register tokens, CLIP's pre-norm,
+  ...). Without timm, from the name (the plain family, _name_architecture).
+  A ".tag" suffix (".fb_in1k") is accepted; the data config is that tag's
+  (timm) or the family's default.
 
   Returns:
-    dict(model=ViT keyword arguments without num_classes, data=dict(mean, std,
-    crop_pct, interpolation, img_size)), as timm's pretrained config for the
-    default tag.
+    dict(model=ViT keyword arguments without num_classes, data=dict(mean,
+    std, crop_pct, interpolation, img_size)).
   """
-  base = model_name.split('.')[0]
-  if base not in KNOWN_MODELS:
-    raise ValueError(
-        f'unknown timm model {model_name!r}. Known models: '
-        f'{", ".join(KNOWN_MODELS)}.')
-  family, size, distilled, patch, img = _NAME_RE.match(base).groups()
-  fields = vit_lib.variant_fields(f'{_SIZES[size]}/{patch}')
-  fields.update(img_size=int(img), distilled=bool(distilled), ln_eps=1e-6,
-                posemb_resize='bicubic')
-  deit = family == 'deit'
-  data = dict(
-      mean=(constants.IMAGENET_DEFAULT_MEAN if deit
-            else constants.IMAGENET_INCEPTION_MEAN),
-      std=(constants.IMAGENET_DEFAULT_STD if deit
-           else constants.IMAGENET_INCEPTION_STD),
-      crop_pct=0.9 if int(img) == 224 else 1.0,
-      interpolation='bicubic',
-      img_size=int(img))
-  return dict(model=fields, data=data)
+  try:
+    import timm  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return _name_architecture(model_name.split('.')[0])
+  return _timm_architecture(model_name)
 
 
 def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
@@ -230,11 +328,14 @@ def from_timm(model_name: str, state_dict: Mapping[str, Any], *,
   """Builds the lvtp_jax ViT equal to a timm model and its parameters.
 
   Args:
-    model_name: a timm name from KNOWN_MODELS, optionally with a ".tag".
+    model_name: a timm ViT/DeiT name (model_config), optionally with a
+      ".tag".
     state_dict: timm parameter name -> array (NumPy or torch), e.g. from
       `timm_model.state_dict()`, a `.safetensors` or a `.pth` file (see
       lvtp_jax.convert.readers). The number of classes is read from `head`;
-      a state dict without `head` gives a features-only model.
+      a state dict without `head` gives a features-only model; one with
+      `fc_norm` and no `norm` (a model fine-tuned with timm's
+      global_pool='avg', e.g. MAE's) gives average pooling with fc_norm.
     img_size: input side to build the model for; the position-embedding grid
       is resampled (bicubic, antialiased, prefix rows untouched) like timm's
       loader when it differs from the checkpoint's.
@@ -246,16 +347,22 @@ def from_timm(model_name: str, state_dict: Mapping[str, Any], *,
   """
   cfg = model_config(model_name)
   fields = dict(cfg['model'])
+  sd = unwrap_state_dict(state_dict)
+  if 'fc_norm.weight' in sd and 'norm.weight' not in sd:
+    # Fine-tuned with average pooling (timm global_pool='avg', as the MAE
+    # fine-tunes): the final norm sits after the pooling.
+    fields.update(global_pool='avg', fc_norm=True)
   if img_size is not None:
     if img_size % fields['patch_size']:
       raise ValueError(
           f'img_size {img_size} is not divisible by the patch size '
           f'{fields["patch_size"]} of {model_name}.')
     fields['img_size'] = int(img_size)
-  sd = unwrap_state_dict(state_dict)
   head = sd.get('head.weight')
   fields['num_classes'] = int(head.shape[0]) if head is not None else 0
   model = vit_lib.ViT(**fields)
-  params = load_params(model, sd, num_prefix=model.num_prefix,
+  params = load_params(model, sd,
+                       num_prefix=0 if model.no_embed_class else
+                       model.num_prefix,
                        grid=model.grid, posemb_method='bicubic')
   return model, params

@@ -32,6 +32,8 @@ VARIANTS = {
 }
 PATCH_SIZES = (8, 16, 32)
 
+POOLS = ('token', 'avg')
+
 # Signals an attention layer can hand to a pruning policy. Each is computed
 # only when asked for (a static set), so unused ones cost nothing.
 SIGNALS = frozenset({
@@ -174,12 +176,24 @@ class Mlp(nn.Module):
     return nn.Dense(d, dtype=self.dtype, name='fc2')(x)
 
 
+class LayerScale(nn.Module):
+  """timm's LayerScale: a learned per-channel gain `gamma` (DeiT-III)."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param('gamma', nn.initializers.constant(1e-5),
+                       (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
 class Block(nn.Module):
   """Pre-norm transformer block on a TokenState."""
   num_heads: int
   mlp_dim: int
   ln_eps: float = 1e-6
   drop_path: float = 0.0
+  layer_scale: bool = False        # ls1 / ls2 gains after attention and MLP
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -210,10 +224,14 @@ class Block(nn.Module):
     y, signals = Attention(self.num_heads, dtype=self.dtype, name='attn')(
         norm('norm1')(state.x), state.valid, log_size, masked=masked,
         want=frozenset(want))
+    if self.layer_scale:
+      y = LayerScale(self.dtype, name='ls1')(y)
     state = state.replace(x=state.x + DropPath(self.drop_path)(y, train))
     if reduce is not None:
       state = reduce(state, signals)
     y = Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(norm('norm2')(state.x))
+    if self.layer_scale:
+      y = LayerScale(self.dtype, name='ls2')(y)
     x = state.x + DropPath(self.drop_path)(y, train)
     return state.replace(x=x), signals
 
@@ -234,6 +252,13 @@ class ViT(nn.Module):
   distilled: bool = False          # DeiT distillation token and second head
   ln_eps: float = 1e-6             # timm 1e-6; Segmenter checkpoints 1e-5
   posemb_resize: str = 'bicubic'   # see posemb.METHODS; used when the grid differs
+  layer_scale: bool = False        # per-block LayerScale gains (DeiT-III)
+  no_embed_class: bool = False     # pos_embed holds patch rows only; the
+                                   # prefix tokens get none (DeiT-III)
+  global_pool: str = 'token'       # POOLS: the CLS token, or the size-
+                                   # weighted mean of the other tokens
+  fc_norm: bool = False            # LayerNorm after pooling instead of
+                                   # before it (timm fc_norm; MAE models)
   drop_path_rate: float = 0.0      # stochastic depth, linear over the blocks
   dtype: Any = jnp.float32         # compute dtype (params stay float32;
                                    # LayerNorm statistics, softmax and
@@ -254,6 +279,12 @@ class ViT(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f'width {self.width} is not divisible by num_heads '
                        f'{self.num_heads}.')
+    if self.global_pool not in POOLS:
+      raise ValueError(f'global_pool={self.global_pool!r} is not one of '
+                       f'{POOLS}.')
+    if self.global_pool == 'avg' and self.distilled:
+      raise ValueError('average pooling with a distillation token is not a '
+                       'timm architecture; use global_pool="token".')
     d = self.width
     self.patch_embed = PatchEmbed(d, self.patch_size, dtype=self.dtype,
                                   name='patch_embed')
@@ -262,14 +293,21 @@ class ViT(nn.Module):
     if self.distilled:
       self.dist_token = self.param('dist_token', init, (1, 1, d))
     n = self.grid[0] * self.grid[1]
-    self.pos_embed = self.param('pos_embed', init, (1, self.num_prefix + n, d))
+    rows = n if self.no_embed_class else self.num_prefix + n
+    self.pos_embed = self.param('pos_embed', init, (1, rows, d))
     self.blocks = [
         Block(self.num_heads, self.mlp_dim, self.ln_eps,
               self.drop_path_rate * i / max(self.depth - 1, 1),
-              dtype=self.dtype, name=f'blocks_{i}')
+              layer_scale=self.layer_scale, dtype=self.dtype,
+              name=f'blocks_{i}')
         for i in range(self.depth)]
-    self.norm = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False,
-                             dtype=self.dtype, name='norm')
+    layer_norm = lambda name: nn.LayerNorm(
+        epsilon=self.ln_eps, use_fast_variance=False, dtype=self.dtype,
+        name=name)
+    # timm: the final norm moves after the pooling when fc_norm is used.
+    self.norm = (lambda x: x) if self.fc_norm else layer_norm('norm')
+    if self.fc_norm:
+      self.fc_norm_layer = layer_norm('fc_norm')
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, dtype=self.dtype, name='head')
       if self.distilled:
@@ -284,22 +322,44 @@ class ViT(nn.Module):
     x = x.reshape(b, gh * gw, d)
     prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
     prefix = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
-    x = jnp.concatenate(prefix + [x], axis=1)
-    pe = posemb_lib.resample_posemb(self.pos_embed, self.num_prefix, (gh, gw),
-                                    self.posemb_resize, old_hw=self.grid)
-    x = x + pe.astype(x.dtype)
+    rows = 0 if self.no_embed_class else self.num_prefix
+    pe = posemb_lib.resample_posemb(self.pos_embed, rows, (gh, gw),
+                                    self.posemb_resize,
+                                    old_hw=self.grid).astype(x.dtype)
+    if self.no_embed_class:   # timm: add to the patches, then prepend
+      x = jnp.concatenate(prefix + [x + pe], axis=1)
+    else:
+      x = jnp.concatenate(prefix + [x], axis=1) + pe
     return ts.init_state(x, self.num_prefix), (gh, gw)
 
   def run_block(self, i: int, state: ts.TokenState, **kw):
     """Block i on a TokenState; see Block.__call__ for the keywords."""
     return self.blocks[i](state, **kw)
 
-  def pool(self, x: jax.Array) -> jax.Array:
+  def pool(self, x: jax.Array, state: Optional[ts.TokenState] = None
+           ) -> jax.Array:
     """Final-normed tokens [B, K, D] -> float32 logits [B, C] (or features
-    [B, D] in the compute dtype)."""
+    [B, D] in the compute dtype).
+
+    global_pool 'avg': the mean of the non-prefix tokens, each weighted by
+    its size (the patches it stands for) when `state` is given, so that
+    merged tokens count as the patches they hold (ToMe's rule for MAE
+    models) and empty slots not at all.
+    """
+    if self.global_pool == 'avg':
+      p = self.num_prefix
+      w = (jnp.ones(x.shape[:2], jnp.float32) if state is None
+           else state.size * state.valid)[:, p:]
+      feats = (jnp.einsum('bk,bkd->bd', w, x[:, p:].astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+               / w.sum(axis=1, keepdims=True)).astype(x.dtype)
+    else:
+      feats = x[:, 0]
+    if self.fc_norm:
+      feats = self.fc_norm_layer(feats)
     if not self.num_classes:
-      return x[:, 0]
-    logits = self.head(x[:, 0]).astype(jnp.float32)
+      return feats
+    logits = self.head(feats).astype(jnp.float32)
     if self.distilled:
       # timm VisionTransformerDistilled: mean of both heads unless
       # distilled_training (never used at evaluation).
@@ -327,7 +387,7 @@ class ViT(nn.Module):
       counts = jnp.stack(valid_counts, axis=1)
       aux = dict(valid_tokens=counts, mlp_tokens=counts)
     x = self.norm(state.x)
-    logits = self.pool(x)
+    logits = self.pool(x, state)
     if not return_aux:
       return logits
     return logits, dict(aux, tokens=x)
