@@ -223,3 +223,18 @@ def test_official_benchmark_names_a_bad_checkout(tmp_path):
     official._import_from(str(tmp_path / 'missing'), 'tome')  # pylint: disable=protected-access
   with pytest.raises(SystemExit, match="cannot import 'nonexistent_pkg'"):
     official._import_from(str(tmp_path), 'nonexistent_pkg')  # pylint: disable=protected-access
+
+
+def test_pruned_bench_settings_and_rows(capsys):
+  from lvtp_jax.bench import pruned  # pylint: disable=g-import-not-at-top
+  assert pruned.parse_setting('tome:r=13,prop_attn=False') == (
+      'tome:r=13,prop_attn=False',
+      dict(name='tome', mode='buffer', tome=dict(r=13, prop_attn=False)))
+  with pytest.raises(ValueError, match='expected NAME:field=value'):
+    pruned.parse_setting('tome:13')
+  assert pruned.main(['--model', 'deit_tiny_patch16_224', '--img-size', '64',
+                      '--batch', '2', '--setting', 'tome:r=4', '--setting',
+                      'evit', '--warmup', '0', '--iters', '1', '--rounds',
+                      '1']) == 0
+  out = capsys.readouterr().out
+  assert 'tome:r=4' in out and 'evit' in out and 'policy share' in out

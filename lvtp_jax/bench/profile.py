@@ -84,6 +84,21 @@ def torch_op_profile(call: Callable[[], Any], calls: int = 3) -> Profile:
   return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
 
 
+# Operations of a ViT block itself; what else runs inside a block is an
+# in-block reduction's own work (scoring, sorting, gathers, merges).
+_BLOCK_OPS = re.compile(r'blocks_N/(attn|mlp|norm1|norm2|ls1|ls2)/|'
+                        r'blocks_N/add$')
+
+
+def reduction_ms(rows: Profile) -> float:
+  """Milliseconds of the operations inside encoder blocks that are not the
+  block's own (attention, MLP, norms, residual adds): the work an in-block
+  reduction adds (its signals, e.g. the CLS attention row, count as the
+  attention's)."""
+  return sum(ms for op, ms, _ in rows
+             if 'blocks_N/' in op and not _BLOCK_OPS.search(op))
+
+
 def format_profile(title: str, rows: Profile, wall_ms: float,
                    top: int = 15) -> str:
   """The `top` heaviest operations with their share of `wall_ms`."""

@@ -140,7 +140,7 @@ class Suite:
       if self.torch_rows:
         ref, model, params = timm_compare.reference_pair(name, s.deit_img)
       else:
-        ref, (model, params) = None, _random_vit(name, s.deit_img, self.rng)
+        ref, (model, params) = None, random_vit(name, s.deit_img, self.rng)
       x = self._images(s.deit_batch, s.deit_img)
       pair.update(ref=ref, model=model, params=jax.device_put(params), x=x,
                   x_dev=jax.device_put(jnp.asarray(x)), ref_logits=None)
@@ -215,7 +215,7 @@ class Suite:
         decoder=decoder, decoder_depth=2, aux_layers=s.seg_aux_layers,
         aux_head='linear', dtype=models.compute_dtype(dtype), **shape)
     x = jax.device_put(jnp.asarray(self._images(s.seg_batch, s.seg_img)))
-    params = jax.device_put(_random_params(model, s.seg_img, self.rng))
+    params = jax.device_put(random_params(model, s.seg_img, self.rng))
     hw = (s.seg_img, s.seg_img)
     group, calls = [], {}
     for setting in settings.SEGMENTATION:
@@ -272,7 +272,7 @@ class Suite:
           num_classes=s.seg_classes, patch_size=16, img_size=s.train_img,
           decoder='mask_transformer', decoder_depth=2, drop_path_rate=0.1,
           dtype=models.compute_dtype(dtype), **shape)
-      params = _random_params(model, s.train_img, self.rng)
+      params = random_params(model, s.train_img, self.rng)
       state = jax.device_put(dict(params=params, opt_state=tx.init(params),
                                   step=jnp.zeros((), jnp.int32),
                                   rng=jax.random.PRNGKey(0)), replicated)
@@ -321,7 +321,7 @@ def _per_image(flops_per_batch: Optional[float], batch: int
   return None if flops_per_batch is None else flops_per_batch / batch / 1e9
 
 
-def _random_params(model, img_size: int, rng: np.random.Generator):
+def random_params(model, img_size: int, rng: np.random.Generator):
   """Random float32 parameters made on the host (no initialiser to compile,
   which on a GPU costs seconds per model): matrices, convolutions and
   embeddings N(0, 0.02) as timm initialises them, LayerNorm scales 1,
@@ -340,13 +340,13 @@ def _random_params(model, img_size: int, rng: np.random.Generator):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _random_vit(name: str, img_size: int, rng: np.random.Generator):
+def random_vit(name: str, img_size: int, rng: np.random.Generator):
   """(model, params) of a known timm architecture with random weights (the
   classification rows when PyTorch is not installed)."""
   fields = dict(timm_convert.model_config(name)['model'],
                 img_size=img_size, num_classes=1000)
   model = vit_lib.ViT(**fields)
-  return model, _random_params(model, img_size, rng)
+  return model, random_params(model, img_size, rng)
 
 
 def _vit_gflops(model, params, images, hw) -> float:
