@@ -38,6 +38,18 @@ def _load_config(arg):
   return mod.get_config(arg)
 
 
+def _quick_config(ckpt, num_examples, batch_size):
+  """The runlocal imagenette config on `ckpt`, one timing call."""
+  config = _load_config(f'model={MODEL},dataset=imagenette,runlocal')
+  config.model.init_from = ckpt
+  config.data.num_examples = num_examples
+  config.data.batch_size = batch_size
+  config.eval.progress = False
+  config.eval.timing_iters = 1
+  config.eval.timing_rounds = 1
+  return config
+
+
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
@@ -52,13 +64,8 @@ def converted(tmp_path_factory):
 
 def test_eval_writes_results_matching_timm(converted, tmp_path):
   ref, ckpt = converted
-  config = _load_config(f'model={MODEL},dataset=imagenette,runlocal')
-  config.model.init_from = ckpt
-  config.data.num_examples = 6
-  config.data.batch_size = 4      # 6 images: the second batch is padded
-  config.eval.progress = False
-  config.eval.timing_iters = 1
-  config.eval.timing_rounds = 1
+  # 6 images in batches of 4: the second batch is padded.
+  config = _quick_config(ckpt, num_examples=6, batch_size=4)
   assert config.data.name == DATASET
   with tfds.testing.mock_data(num_examples=6,
                               policy=tfds.testing.MockPolicy.USE_CODE):
@@ -96,13 +103,7 @@ def test_top1_counts_only_real_examples_and_mapped_labels(converted, tmp_path):
   # A head that predicts one class everywhere: top-1 is the share of
   # examples carrying that class, padding excluded.
   _, ckpt = converted
-  config = _load_config(f'model={MODEL},dataset=imagenette,runlocal')
-  config.model.init_from = ckpt
-  config.data.num_examples = 5
-  config.data.batch_size = 4
-  config.eval.progress = False
-  config.eval.timing_iters = 1
-  config.eval.timing_rounds = 1
+  config = _quick_config(ckpt, num_examples=5, batch_size=4)
   _, params, meta = pretrained.load(ckpt)
   params = dict(params)
   params['head'] = dict(kernel=jnp.zeros_like(params['head']['kernel']),
@@ -142,13 +143,7 @@ def test_eval_with_an_in_block_reduction_matches_the_reference(converted,
   on the same timm weights and transform), token counts, FLOPs, speed."""
   from tests import torch_token_reduction  # pylint: disable=g-import-not-at-top
   ref, ckpt = converted
-  config = _load_config(f'model={MODEL},dataset=imagenette,runlocal')
-  config.model.init_from = ckpt
-  config.data.num_examples = 6
-  config.data.batch_size = 6
-  config.eval.progress = False
-  config.eval.timing_iters = 1
-  config.eval.timing_rounds = 1
+  config = _quick_config(ckpt, num_examples=6, batch_size=6)
   config.pruning.name = 'tome'
   config.pruning.mode = 'buffer'
   with tfds.testing.mock_data(num_examples=6,
