@@ -75,6 +75,17 @@ def test_tiny_suite_rows(tiny_run):
     # The same function as timm (float32: parity; bfloat16: rounding).
     limit = 1e-5 if dtype == 'float32' else 3e-2
     assert ours['rel_error_vs_timm_fp32'] <= limit
+    # A policy's model FLOPs: the valid tokens of a real forward.
+    for setting in settings.CLASSIFICATION[1:]:
+      row = next(r for r in cls if r['dtype'] == dtype
+                 and r['setting'] == setting.name)
+      pruned = pruning.attach(vit, setting.pruning)
+      x = jnp.zeros((1, sizes.deit_img, sizes.deit_img, 3))
+      _, aux = pruned.apply(pruned.init(jax.random.PRNGKey(0), x), x,
+                            return_aux=True)
+      assert row['gflops_analytic'] == pytest.approx(2 * flops.vit_macs(
+          vit, (sizes.deit_img,) * 2, aux['valid_tokens'],
+          aux['mlp_tokens'])[0] / 1e9)
 
   seg = [r for r in rows if r['section'] == 'segmentation']
   assert len(seg) == (len(sizes.seg_models) * len(sizes.seg_decoders) *

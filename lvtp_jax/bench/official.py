@@ -35,7 +35,6 @@ import numpy as np
 
 from lvtp_jax import pruning
 from lvtp_jax.bench import timm_compare
-from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.measure import speed
 
 MODEL = 'deit_small_patch16_224'

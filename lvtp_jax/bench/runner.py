@@ -25,6 +25,7 @@ from lvtp_jax.bench import timm_compare
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
+from lvtp_jax.pruning import inblock
 from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.models import vit as vit_lib
 from lvtp_jax.train import optim
@@ -182,7 +183,7 @@ class Suite:
                  policy=setting.pruning.get('name', 'none'),
                  source=setting.source, compile_s=compile_s,
                  gflops_realized=_per_image(xla, s.deit_batch),
-                 gflops_analytic=_vit_gflops(pruned, params, x_dev, hw))
+                 gflops_analytic=_vit_gflops(pruned, hw))
       if pair['ref_logits'] is not None and not setting.pruning:
         err = timm_compare.relative_error(logits, pair['ref_logits'])
         row['rel_error_vs_timm_fp32'] = err
@@ -349,16 +350,17 @@ def random_vit(name: str, img_size: int, rng: np.random.Generator):
   return model, random_params(model, img_size, rng)
 
 
-def _vit_gflops(model, params, images, hw) -> float:
-  """Analytic GFLOPs per image of a ViT forward: from the valid tokens
-  entering every block and its MLP when a policy prunes, else static."""
-  if getattr(model, 'pruning', None) is None:
+def _vit_gflops(model, hw) -> float:
+  """Analytic GFLOPs per image of a ViT forward; with an in-block reduction,
+  from its token counts (a function of the config alone: no forward)."""
+  spec = getattr(model, 'pruning', None)
+  if spec is None:
     return 2 * float(flops.vit_macs(model, hw)) / 1e9
-  _, aux = jax.jit(lambda p, x: model.apply({'params': p}, x,
-                                            return_aux=True))(params, images)
-  return 2 * float(np.mean(flops.vit_macs(
-      model, hw, np.asarray(aux['valid_tokens']),
-      np.asarray(aux['mlp_tokens'])))) / 1e9
+  n = (hw[0] // model.patch_size) * (hw[1] // model.patch_size)
+  counts = inblock.validate_counts(pruning.get(spec.name), spec.params,
+                                   n + model.num_prefix, model.num_prefix,
+                                   model.depth)
+  return 2 * float(flops.vit_macs(model, hw, counts[:-1], counts[1:])) / 1e9
 
 
 def _buffer_tokens(model, spec, hw) -> np.ndarray:
