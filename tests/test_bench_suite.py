@@ -99,6 +99,8 @@ def test_tiny_suite_rows(tiny_run):
       assert row['realized_flop_ratio'] == pytest.approx(
           base['gflops_realized'] / row['gflops_realized'])
       assert row['realized_flop_ratio'] > 1.05   # smaller buffers
+      assert row['model_flop_ratio'] == pytest.approx(
+          base['gflops_analytic'] / row['gflops_analytic'])
       assert row['speedup'] == pytest.approx(
           row['images_per_second'] / base['images_per_second'])
       assert row['gflops_analytic'] < base['gflops_analytic']
@@ -160,6 +162,28 @@ def test_budget_skips_groups_and_says_so(tmp_path):
       len(settings.TINY.seg_models) * len(settings.TINY.seg_decoders) *
       len(settings.TINY.seg_dtypes) + 1)
   assert 'Not run (time budget spent)' in (tmp_path / 'suite.md').read_text()
+
+
+def test_sections_run_alone_and_bad_names_are_refused(tmp_path, monkeypatch,
+                                                     capsys):
+  ran = []
+  for name in runner.SECTIONS:
+    monkeypatch.setattr(runner.Suite, name,
+                        lambda self, name=name: ran.append(name))
+  assert suite_lib.main(['--out', str(tmp_path), '--no-torch',
+                         '--sections', 'segmentation,training']) == 0
+  # smoke then full, each in the suite's order, classification left out
+  assert ran == ['training', 'segmentation'] * 2
+  with pytest.raises(SystemExit):
+    suite_lib.main(['--out', str(tmp_path), '--sections', 'segmentaton'])
+  assert "unknown ['segmentaton']" in capsys.readouterr().err
+
+
+def test_gpu_tables_warn_that_xla_counts_leave_out_library_matmuls(tiny_run):
+  result, md = tiny_run
+  assert 'vendor libraries' not in md   # the CPU counts everything
+  gpu = dict(result, backend='gpu')
+  assert 'vendor libraries (cuBLAS' in suite_lib.report.markdown(gpu)
 
 
 def test_a_failing_smoke_test_stops_the_full_run(tmp_path, monkeypatch,

@@ -83,9 +83,18 @@ def main(argv=None) -> int:
                       'run, none with --tiny)')
   parser.add_argument('--no-smoke', action='store_true',
                       help='skip the tiny smoke test of the full run')
+  parser.add_argument('--sections', default=','.join(runner.SECTIONS),
+                      help='comma-separated sections to run (default: all, '
+                      'in this order: %(default)s); a GPU session whose '
+                      'time ran out can fill in the rest with a second run')
   parser.add_argument('--no-torch', action='store_true',
                       help='leave out the PyTorch rows')
   args = parser.parse_args(argv)
+  sections = tuple(s.strip() for s in args.sections.split(',') if s.strip())
+  unknown = sorted(set(sections) - set(runner.SECTIONS))
+  if unknown or not sections:
+    parser.error(f'--sections {args.sections!r}: unknown {unknown}; choose '
+                 f'from {",".join(runner.SECTIONS)}')
   # Leave the GPU memory PyTorch needs for its rows (JAX takes 75% by
   # default at its first use, which comes later).
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.6')
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
         math=env['math'], peaks=env['peaks'], budget_s=None,
         torch_rows=torch_rows, log=lambda m: log('  smoke ' + m))
     try:
-      runner.run_sections(smoke)
+      runner.run_sections(smoke, sections)
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       log('SMOKE TEST FAILED: the full run would fail the same way; see the '
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
       f.write(report.markdown(result))
 
   suite.on_group = write
-  runner.run_sections(suite)
+  runner.run_sections(suite, sections)
   write()
   log(f'done: {os.path.join(args.out, "suite.md")}')
   print(report.markdown(dict(env, rows=suite.rows, skipped=suite.skipped,
