@@ -69,6 +69,9 @@ SEGMENTATION = (
 # Registered policies without a row, and why.
 NOT_BENCHMARKED = {
     'none': 'the unpruned rows',
+    'random_drop': 'the quality floor of in-block reduction; it runs on '
+                   "EViT's token counts, so it costs what EViT costs minus "
+                   'the attention score',
     'random': 'the quality floor; at given capacities it costs what every '
               'exit policy costs, plus its (cheaper) decisions',
 }

@@ -26,6 +26,7 @@ from lvtp_jax.pruning import dtop  # pylint: disable=unused-import
 from lvtp_jax.pruning import evit  # pylint: disable=unused-import
 from lvtp_jax.pruning import lvtp  # pylint: disable=unused-import
 from lvtp_jax.pruning import none  # pylint: disable=unused-import
+from lvtp_jax.pruning import random_drop  # pylint: disable=unused-import
 from lvtp_jax.pruning import random_exit  # pylint: disable=unused-import
 from lvtp_jax.pruning import tome  # pylint: disable=unused-import
 from lvtp_jax.measure import flops

@@ -22,7 +22,7 @@ patch tokens are scored (ours).
 
 import dataclasses
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,8 @@ def kept_count(keep_rate: float, tokens: int) -> int:
 
 
 def fuse(state: ts.TokenState, score: jax.Array, k: int, num_prefix: int,
-         fuse_token: bool) -> ts.TokenState:
+         fuse_token: bool, weights: Optional[jax.Array] = None
+         ) -> ts.TokenState:
   """Keeps the k highest-scoring non-prefix slots, in decreasing score order,
   and (fuse_token) sums the others weighted by their score into one slot.
 
@@ -57,6 +58,7 @@ def fuse(state: ts.TokenState, score: jax.Array, k: int, num_prefix: int,
     k: static number of slots kept.
     num_prefix: prefix slots, always kept first.
     fuse_token: append the fused token.
+    weights: [B, n] weights of the fused sum (default: the score).
 
   Returns:
     The buffer [prefix, kept, (fused)].
@@ -78,7 +80,7 @@ def fuse(state: ts.TokenState, score: jax.Array, k: int, num_prefix: int,
       [jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (x.shape[0], p)),
        jnp.where(is_kept, jnp.arange(p, p + n, dtype=jnp.int32), -1)], axis=1)
   if fuse_token:
-    weights = jnp.where(dropped, score, 0.0)
+    weights = jnp.where(dropped, score if weights is None else weights, 0.0)
     fused = jnp.einsum('bn,bnd->bd', weights.astype(jnp.float32),
                        x[:, p:].astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
@@ -117,12 +119,14 @@ class EViT(registry.Policy):
   def make_params(self, cfg, num_stages):
     del num_stages
     if not 0.0 < cfg.keep_rate <= 1.0:
-      raise ValueError(f'config.pruning.evit.keep_rate={cfg.keep_rate} must '
-                       'lie in (0, 1] (the share of tokens kept, e.g. 0.7).')
+      raise ValueError(f'config.pruning.{self.name}.keep_rate={cfg.keep_rate} '
+                       'must lie in (0, 1] (the share of tokens kept, e.g. '
+                       '0.7).')
     layers = tuple(int(k) for k in cfg.layers)
     if not layers or len(set(layers)) != len(layers) or min(layers) < 1:
-      raise ValueError(f'config.pruning.evit.layers={tuple(cfg.layers)}: give '
-                       'distinct 1-based blocks, e.g. (4, 7, 10).')
+      raise ValueError(f'config.pruning.{self.name}.layers='
+                       f'{tuple(cfg.layers)}: give distinct 1-based blocks, '
+                       'e.g. (4, 7, 10).')
     return EViTParams(keep_rate=float(cfg.keep_rate),
                       layers=tuple(sorted(layers)),
                       fuse_token=bool(cfg.fuse_token))
@@ -137,8 +141,8 @@ class EViT(registry.Policy):
   def token_counts(self, params, num_tokens, num_prefix, depth):
     bad = [k for k in params.layers if k > depth]
     if bad:
-      raise ValueError(f'config.pruning.evit.layers={params.layers} has '
-                       f'{bad}, beyond the model\'s {depth} blocks.')
+      raise ValueError(f'config.pruning.{self.name}.layers={params.layers} '
+                       f'has {bad}, beyond the model\'s {depth} blocks.')
     counts = [num_tokens]
     for layer in range(1, depth + 1):
       n = counts[-1]
