@@ -6,8 +6,8 @@
   python eval.py --config configs/segmenter_eval.py:dataset=ade20k \
       --workdir /tmp/seg_tiny --config.model.init_from=ckpt/seg_tiny_mask
 
-Segmentation: WORKDIR's latest training checkpoint is evaluated when there
-is one (a train.py run with the same config), else config.model.init_from.
+WORKDIR's latest training checkpoint is evaluated when there is one (a
+train.py run with the same config), else config.model.init_from.
 Every setting of config.sweep (a list of overrides) gives one row; the rows
 are added to WORKDIR/results.json (a row of the same name is replaced), and
 the Pareto plots and exit maps are drawn next to it
@@ -44,7 +44,7 @@ def run(config, workdir: str):
   if config.task == 'segmentation':
     rows, visuals = segmentation.evaluate(config, workdir)
   else:
-    rows, visuals = [classification.evaluate(config)], None
+    rows, visuals = classification.evaluate(config, workdir)
   out = results.write(workdir, rows, merge=True)
   plots.write_figures(workdir, out['rows'], visuals)
   return out

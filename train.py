@@ -1,6 +1,7 @@
 """Train what a config describes, evaluate it, write WORKDIR/results.json.
 
   python train.py --config configs/quickstart.py --workdir runs/quickstart
+  python train.py --config configs/quickstart_cls.py --workdir runs/qs_cls
   python train.py --config configs/quickstart.py --workdir runs/qs \
       --config.train.lr=3e-4 --restart
 
@@ -15,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from lvtp_jax.evaluation import results
+from lvtp_jax.train import classification
 from lvtp_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,14 +36,15 @@ def main(argv):
     # Orbax logs every checkpoint file at INFO; keep the progress bar legible.
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  if config.task != 'segmentation':
-    raise app.UsageError(
-        f'config.task={config.task!r}: train.py trains segmentation configs '
-        'only (classification training is not implemented).')
+  trainers = {'segmentation': loop.train_and_evaluate,
+              'classification': classification.train_and_evaluate}
+  if config.task not in trainers:
+    raise app.UsageError(f'config.task={config.task!r}: train.py trains '
+                         f'{sorted(trainers)} configs.')
   if _RESTART.value:
     with config.unlocked():
       config.train.overwrite = True
-  out = loop.train_and_evaluate(config, _WORKDIR.value)
+  out = trainers[config.task](config, _WORKDIR.value)
   print(results.format_table(out['rows']))
   print(f'wrote {_WORKDIR.value}/results.json')
 

@@ -9,7 +9,12 @@ Convert the timm weights once, then evaluate:
 
 arg (after ':'): model=<timm name> (default deit_small_patch16_224),
 dataset=imagenet2012|imagenette (imagenette maps its 10 labels onto the
-1000-class head), runlocal (64 images, small batches).
+1000-class head), runlocal (64 images, small batches), sweep=none|policies
+(policies: unpruned, random, EViT 0.7/0.6/0.5, ToMe r 8/13/16, one row each,
+and the top-1 vs GFLOPs plot):
+
+  python eval.py --config configs/deit_imagenet.py:sweep=policies \
+      --workdir runs/deit_s16 --config.model.init_from=ckpt/deit_s16
 
 Reference: timm reports 79.856 top-1 for deit_small_patch16_224.fb_in1k on
 imagenet2012 validation (timm results-imagenet.csv); not yet reproduced here
@@ -20,6 +25,7 @@ import ml_collections
 
 from lvtp_jax import config_args
 from lvtp_jax import pruning
+from lvtp_jax.evaluation import sweeps
 
 DATASETS = {
     'imagenet2012': ('imagenet2012', 'validation'),
@@ -29,7 +35,10 @@ DATASETS = {
 
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, model='deit_small_patch16_224',
-                              dataset='imagenet2012', runlocal=False)
+                              dataset='imagenet2012', runlocal=False,
+                              sweep='none')
+  if arg.sweep not in SWEEPS:
+    raise ValueError(f'sweep={arg.sweep!r}; known: {sorted(SWEEPS)}.')
   if arg.dataset not in DATASETS:
     raise ValueError(f'dataset={arg.dataset!r}; known: {sorted(DATASETS)}.')
   config = ml_collections.ConfigDict()
@@ -58,9 +67,23 @@ def get_config(arg=None):
   config.eval.warmup = 2               # untimed calls before timing
   config.eval.timing_iters = 5         # calls per timing round
   config.eval.timing_rounds = 3        # rounds; the median is reported
+  config.eval.token_maps = 0           # images whose token maps are drawn
+
+  # Evaluation settings, one results row each (dotted overrides of this
+  # config); () = one row for the config as it is.
+  config.sweep = SWEEPS[arg.sweep]()
 
   if arg.runlocal:
     config.data.batch_size = 8
     config.data.num_examples = 64
     config.eval.timing_iters = 2
   return config
+
+
+# sweep=policies: the papers' comparison on DeiT-S (spec
+# classification_policies.md): ToMe r 8/13/16, EViT keep rates 0.7/0.6/0.5,
+# the random baseline at EViT 0.7's token counts, unpruned; buffer mode.
+SWEEPS = {'none': tuple,
+          'policies': lambda: sweeps.classification_policies(
+              keep_rates=(0.7, 0.6, 0.5), tome_rs=(8, 13, 16),
+              random_rates=(0.7,), maps=())}

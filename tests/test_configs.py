@@ -12,8 +12,10 @@ from lvtp_jax import pruning
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.data import segmentation_datasets
 from lvtp_jax.evaluation import segmentation
+from lvtp_jax.evaluation import sweeps
 from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.train import classification as cls_train
 from lvtp_jax.train import model_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +42,14 @@ def test_config_loads_and_names_known_components(path):
     config = mod.get_config(arg)
     assert isinstance(config, ml_collections.ConfigDict)
     if config.task == 'classification':
-      arch = timm_convert.model_config(config.model.timm_name)
-      model = vit_lib.ViT(num_classes=config.model.num_classes,
-                          **arch['model'])
-      pruning.build_spec(config.pruning, model)
+      if config.model.timm_name:
+        arch = timm_convert.model_config(config.model.timm_name)
+        model = vit_lib.ViT(num_classes=config.model.num_classes,
+                            **arch['model'])
+      else:   # the classification test bed's own shape
+        model, _, _ = cls_train.build(config.model, 0)
+      for setting in sweeps.settings(config):
+        pruning.build_spec(setting.pruning, model)
     else:
       assert config.task == 'segmentation'
       assert config.eval.mode in ('whole', 'slide')
@@ -73,6 +79,36 @@ def test_quickstart_sweeps_are_valid_settings(sweep):
     for setting in settings:
       pruning.build_spec(setting.pruning, model,
                          normalization=dict(mean=(0.5,) * 3, std=(0.5,) * 3))
+
+
+@pytest.mark.parametrize('name, arg', [
+    ('quickstart_cls.py', 'sweep=policies'),
+    ('quickstart_cls.py', 'sweep=policies,runlocal'),
+    ('quickstart_cls.py', 'sweep=depth_probe'),
+    ('quickstart_cls.py', 'finetune=0.6,base=/x/y'),
+    ('deit_imagenet.py', 'sweep=policies')])
+def test_classification_sweeps_are_valid_settings(name, arg):
+  config = _load(os.path.join(REPO, 'configs', name)).get_config(arg)
+  if config.model.timm_name:
+    arch = timm_convert.model_config(config.model.timm_name)
+    model = vit_lib.ViT(num_classes=1000, **arch['model'])
+  else:
+    model, _, _ = cls_train.build(
+        ml_collections.ConfigDict(dict(config.model.to_dict(),
+                                       init_from='')), 0)
+  settings = sweeps.settings(config)
+  names = [s.eval.name for s in settings]
+  assert len(set(names)) == len(names) > 0
+  policies = {s.pruning.name for s in settings}
+  if 'sweep=policies' in arg:
+    assert policies == {'none', 'random_drop', 'evit', 'tome'}
+  elif 'sweep=depth_probe' in arg:
+    assert policies == {'none', 'random_drop', 'evit'} and len(names) == 23
+  else:
+    assert config.model.init_from == '/x/y' and policies == {'evit'}
+    assert names == ['evit0.6_ft']
+  for setting in settings:
+    pruning.build_spec(setting.pruning, model)
 
 
 def test_deit_config_args():

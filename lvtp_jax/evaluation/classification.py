@@ -9,8 +9,9 @@ may name an in-block reduction (EViT, ToMe; lvtp_jax.pruning).
 """
 
 import functools
+import os
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,55 +24,135 @@ from lvtp_jax import pretrained
 from lvtp_jax import pruning
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.data import classification as data_lib
+from lvtp_jax.data import synthetic_objects
+from lvtp_jax.evaluation import sweeps
 from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
 from lvtp_jax.models import vit as vit_lib
+from lvtp_jax.train import checkpoint
 
-def load_model(cfg: ml_collections.ConfigDict,
-               seed: int = 0) -> Tuple[Any, Any, Dict]:
-  """(model, params, data preprocessing dict) from config.model.
+def load_model(config: ml_collections.ConfigDict,
+               workdir: Optional[str] = None) -> Tuple[Any, Any, Dict, str]:
+  """(model, params, data preprocessing dict, weights) from the config.
 
-  `init_from` names a converted directory (python -m lvtp_jax.convert). With
-  `random_init=True` and no `init_from`, the architecture of `timm_name` is
-  built with random weights (smoke tests, speed runs).
+  In order: the latest training checkpoint in `workdir` (a train.py run of
+  this config), config.model.init_from (a converted directory, python -m
+  lvtp_jax.convert, or a train.py workdir), or, with
+  config.model.random_init=True, random weights of the architecture
+  (`timm_name`, or the test bed's width/depth/... fields). `weights` says
+  which, for the results row.
   """
+  cfg = config.model
+  if workdir and checkpoint.latest_step(workdir) is not None:
+    model, params, prep = checkpoint.load_for_eval(workdir, config)
+    return model, params, prep, (f'{workdir}/checkpoints/'
+                                 f'{checkpoint.latest_step(workdir)}')
   if cfg.init_from:
-    model, params, meta = pretrained.load(cfg.init_from)
-    return model, params, meta['data']
+    if os.path.isdir(os.path.join(cfg.init_from, 'checkpoints')):
+      model, params, prep = checkpoint.load_for_eval(cfg.init_from, None)
+    else:
+      model, params, meta = pretrained.load(cfg.init_from)
+      prep = meta['data']
+    return model, params, prep, cfg.init_from
   if not cfg.random_init:
     raise ValueError(
         'config.model.init_from is empty: point it at a converted checkpoint '
         '(python -m lvtp_jax.convert timm --model NAME --checkpoint FILE '
         '--out DIR, then --config.model.init_from=DIR), or set '
         '--config.model.random_init=True for random weights.')
-  arch = timm_convert.model_config(cfg.timm_name)
-  model = vit_lib.ViT(num_classes=cfg.num_classes, **arch['model'])
-  size = arch['data']['img_size']
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed),
+  if cfg.get('timm_name'):
+    arch = timm_convert.model_config(cfg.timm_name)
+    model = vit_lib.ViT(num_classes=cfg.num_classes, **arch['model'])
+    prep = arch['data']
+  else:   # the classification test bed's own shape
+    from lvtp_jax.train import classification as cls_train  # pylint: disable=g-import-not-at-top
+    model, _, prep = cls_train.build(
+        ml_collections.ConfigDict(dict(cfg.to_dict(), init_from='')),
+        config.seed)
+  size = prep['img_size']
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed),
                                jnp.zeros((1, size, size, 3)))['params']
-  return model, params, arch['data']
+  return models.with_dtype(model, 'float32'), params, prep, 'random_init'
 
 
-def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+def _source_and_labels(config, model):
+  """(source, label_map) of config.data for the model's head."""
+  dcfg = config.data
+  if dcfg.name == synthetic_objects.NAME:
+    difficulty = dcfg.get('difficulty')
+    source = synthetic_objects.open_source(
+        dcfg.split, difficulty.to_dict() if difficulty else None)
+    names = source.label_names
+  else:
+    source = data_lib.open_source(dcfg.name, dcfg.split,
+                                  dcfg.data_dir or None)
+    names = data_lib.label_names(source)
+  label_map = data_lib.label_map_for_head(dcfg.name, names,
+                                          num_classes=model.num_classes)
+  return source, label_map
+
+
+def _batches(config, source, label_map, prep, num: int):
+  transform_fn = functools.partial(
+      data_lib.eval_transform, img_size=prep['img_size'],
+      crop_pct=prep['crop_pct'], mean=prep['mean'], std=prep['std'],
+      interpolation=prep.get('interpolation', 'bicubic'))
+  return data_lib.eval_batches(
+      source, batch_size=config.data.batch_size, transform_fn=transform_fn,
+      label_map=label_map, num_examples=num,
+      num_threads=config.data.get('num_threads', 0))
+
+
+def quick_top1(config: ml_collections.ConfigDict, model, params,
+               prep: Dict[str, Any], num_examples: int) -> Tuple[float, int]:
+  """Top-1 (percent) of the unpruned model on the first num_examples images
+  of config.data (0: all); training's periodic evaluation."""
+  source, label_map = _source_and_labels(config, model)
+  num = min(num_examples or len(source), len(source))
+  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x).argmax(-1))
+  correct = seen = 0
+  for batch in _batches(config, source, label_map, prep, num):
+    pred = np.asarray(fwd(params, batch['image']))
+    correct += int(((pred == batch['label']) & batch['mask']).sum())
+    seen += int(batch['mask'].sum())
+  return 100.0 * correct / max(seen, 1), seen
+
+
+class _Unpruned:
+  """The unpruned forward of a sweep, compiled once: FLOPs and speed-ups."""
+
+  def __init__(self, model):
+    self.apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    self._gflops = None
+
+  def gflops(self, params, images, batch_size) -> float:
+    if self._gflops is None:
+      self._gflops = flops.realized_gflops(self.apply, params, images,
+                                           batch_size=batch_size)
+    return self._gflops
+
+
+def evaluate_model(config: ml_collections.ConfigDict, model, params,
+                   prep: Dict[str, Any], *, weights: str = '',
+                   unpruned: Optional[_Unpruned] = None,
+                   maps: int = 0) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Runs config.eval on config.data with config.pruning; one results row.
 
   A pruned row (an in-block reduction, lvtp_jax.pruning) also records
   `speedup` (images/s over the unpruned model's, timed interleaved in the
   same process) and `realized_flop_ratio` (unpruned / pruned XLA FLOPs).
+
+  Returns:
+    (row, visual): visual holds, for the first `maps` images, the images
+    and the final `src` (the slot that represents each patch; -1 dropped)
+    and sizes of the slots.
   """
-  model, params, prep = load_model(config.model, config.seed)
   model = models.with_dtype(model, config.model.get('dtype', 'float32'))
   pcfg = pruning.resolve(config.get('pruning'))
   pruned = pruning.attach(model, pcfg)
   size = prep['img_size']
-  transform_fn = functools.partial(
-      data_lib.eval_transform, img_size=size, crop_pct=prep['crop_pct'],
-      mean=prep['mean'], std=prep['std'],
-      interpolation=prep.get('interpolation', 'bicubic'))
   dcfg = config.data
-  source = data_lib.open_source(dcfg.name, dcfg.split, dcfg.data_dir or None)
-  label_map = data_lib.label_map_for_head(
-      dcfg.name, data_lib.label_names(source), num_classes=model.num_classes)
+  source, label_map = _source_and_labels(config, model)
   fwd = jax.jit(lambda p, x: pruned.apply({'params': p}, x, return_aux=True))
 
   num = len(source) if not dcfg.num_examples else min(dcfg.num_examples,
@@ -80,12 +161,11 @@ def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   seen = 0
   valid_tokens, mlp_tokens = [], []
   last_batch = None
-  batches = data_lib.eval_batches(
-      source, batch_size=dcfg.batch_size, transform_fn=transform_fn,
-      label_map=label_map, num_examples=num,
-      num_threads=dcfg.get('num_threads', 0))
+  visual = {}
+  batches = _batches(config, source, label_map, prep, num)
   bar = tqdm.tqdm(batches, total=-(-num // dcfg.batch_size), unit='batch',
-                  desc='eval', file=sys.stderr, disable=not config.eval.progress)
+                  desc=config.eval.name or pcfg.name, file=sys.stderr,
+                  disable=not config.eval.progress)
   for batch in bar:
     logits, aux = fwd(params, batch['image'])
     pred = np.asarray(jnp.argmax(logits, axis=-1))
@@ -95,6 +175,14 @@ def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     valid_tokens.append(np.asarray(aux['valid_tokens'])[mask])
     mlp_tokens.append(np.asarray(aux['mlp_tokens'])[mask])
     bar.set_postfix(top1=f'{100.0 * correct / max(seen, 1):.2f}')
+    if maps and not visual:
+      n = min(maps, int(mask.sum()))
+      visual = dict(images=np.asarray(batch['image'][:n]),
+                    labels=np.asarray(batch['label'][:n]),
+                    pred=pred[:n], grid=model.grid)
+      if 'state' in aux:
+        visual.update(src=np.asarray(aux['state'].src[:n]),
+                      size=np.asarray(aux['state'].size[:n]))
     last_batch = batch['image']
   if not seen:
     raise ValueError(f'no examples evaluated from {dcfg.name}:{dcfg.split}.')
@@ -107,10 +195,10 @@ def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   images = jnp.asarray(last_batch)
   applies = dict(model=jax.jit(lambda p, x: pruned.apply({'params': p}, x)))
   if pcfg.name != 'none':
-    applies['unpruned'] = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  realized = {k: flops.realized_gflops(f, params, images,
-                                       batch_size=dcfg.batch_size)
-              for k, f in applies.items()}
+    unpruned = unpruned or _Unpruned(model)
+    applies['unpruned'] = unpruned.apply
+  realized = flops.realized_gflops(applies['model'], params, images,
+                                   batch_size=dcfg.batch_size)
   ips = speed.compare_images_per_second(
       applies, params, images, batch_size=dcfg.batch_size,
       warmup=config.eval.warmup, iters=config.eval.timing_iters,
@@ -125,7 +213,7 @@ def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       dataset=f'{dcfg.name}:{dcfg.split}',
       num_images=seen,
       top1=100.0 * correct / seen,
-      gflops_realized=realized['model'],
+      gflops_realized=realized,
       gflops_effective=float(effective),
       images_per_second=ips['model'],
       batch_size=dcfg.batch_size,
@@ -136,7 +224,41 @@ def evaluate(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       tokens_per_block=[float(t) for t in mean_tokens],
       mlp_tokens_per_block=[float(t) for t in mlp_tokens.mean(axis=0)],
   )
+  if weights:
+    row['weights'] = weights
   if pcfg.name != 'none':
     row.update(speedup=ips['model'] / ips['unpruned'],
-               realized_flop_ratio=realized['unpruned'] / realized['model'])
-  return row
+               realized_flop_ratio=unpruned.gflops(
+                   params, images, dcfg.batch_size) / realized)
+  if visual:
+    visual['name'] = row['name']
+  return row, visual
+
+
+def evaluate_sweep(config: ml_collections.ConfigDict, model, params,
+                   prep: Dict[str, Any], weights: str = ''
+                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  """`evaluate_model` for each setting of config.sweep (one model).
+
+  Returns:
+    (rows, visuals): visuals['maps'] holds the first config.eval.token_maps
+    images' token maps of every setting (lvtp_jax.evaluation.plots).
+  """
+  rows, maps = [], []
+  unpruned = _Unpruned(models.with_dtype(
+      model, config.model.get('dtype', 'float32')))
+  for setting in sweeps.settings(config):
+    row, visual = evaluate_model(
+        setting, model, params, prep, weights=weights, unpruned=unpruned,
+        maps=setting.eval.get('token_maps', 0))
+    rows.append(row)
+    if visual:
+      maps.append(visual)
+  return rows, dict(token_maps=maps, prep=prep)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None
+             ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  """Every setting of config.sweep on the model `load_model` finds."""
+  model, params, prep, weights = load_model(config, workdir)
+  return evaluate_sweep(config, model, params, prep, weights=weights)

@@ -2,6 +2,9 @@
 
   pareto_miou.png           mIoU vs effective GFLOPs, one colour per policy
   pareto_boundary_miou.png  boundary mIoU vs effective GFLOPs
+  pareto_top1.png           classification: top-1 vs effective GFLOPs
+  token_maps.png            classification: which patches each in-block
+                            reduction kept, fused or merged
   exit_maps.png             for the first images: the image, its label, and
                             per pruned setting the stage each patch left at
 Written by eval.py (and train.py's final evaluation) next to results.json.
@@ -71,7 +74,8 @@ def pareto(rows: List[Dict[str, Any]], path: str, metric: str = 'miou',
         max_drop, ', '.join(off)), transform=ax.transAxes, fontsize=5)
   ax.set_xlabel('effective GFLOPs per image (2 x MACs)')
   ax.set_ylabel({'miou': 'mIoU (%)',
-                 'boundary_miou': 'boundary mIoU (%)'}.get(metric, metric))
+                 'boundary_miou': 'boundary mIoU (%)',
+                 'top1': 'top-1 (%)'}.get(metric, metric))
   ax.set_title(title or f'{metric} vs effective GFLOPs (lines: Pareto '
                'fronts)', fontsize=9)
   ax.grid(alpha=0.3)
@@ -143,15 +147,79 @@ def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
   return path
 
 
+def token_groups(src: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
+  """[N] final slot of every patch -> [h, w] group ids: -1 for a patch no
+  token represents (dropped), -2 for a patch alone in its token, else the
+  slot of the token the patch shares with others (merged or fused)."""
+  src = np.asarray(src)
+  ids, counts = np.unique(src[src >= 0], return_counts=True)
+  shared = set(ids[counts > 1].tolist())
+  out = np.where(src < 0, -1, -2)
+  for slot in shared:
+    out[src == slot] = slot
+  return out.reshape(grid)
+
+
+def token_maps(visuals: Dict[str, Any], path: str, max_images: int = 6) -> str:
+  """Which patches each in-block reduction kept, fused or merged.
+
+  One row per setting that kept maps (config.eval.token_maps), one column per
+  image: patches alone in their token (kept) show the image; patches that
+  share a token with others are tinted, one colour per token (ToMe's source
+  map as coloured groups; EViT's fused token is one colour over every patch
+  it absorbed); patches no token represents are black.
+  """
+  maps = [m for m in visuals['token_maps'] if 'src' in m]
+  if not maps:
+    return ''
+  count = min(max_images, min(len(m['images']) for m in maps))
+  fig, axes = plt.subplots(len(maps) + 1, count,
+                           figsize=(1.5 * count, 1.55 * (len(maps) + 1)),
+                           dpi=120, squeeze=False)
+  cmap = plt.get_cmap('tab20')
+  first = maps[0]
+  for j in range(count):
+    rgb = _rgb(first['images'][j], visuals['prep'])
+    axes[0, j].imshow(rgb, interpolation='nearest')
+    axes[0, j].set_title(f'label {first["labels"][j]}', fontsize=6)
+    for i, m in enumerate(maps, start=1):
+      groups = token_groups(m['src'][j], m['grid'])
+      h, w = rgb.shape[:2]
+      up = np.kron(groups, np.ones((h // groups.shape[0],
+                                    w // groups.shape[1]), int))
+      img = rgb.copy()
+      img[up == -1] = 0.0
+      for k, slot in enumerate(sorted(set(groups[groups >= 0].tolist()))):
+        colour = np.asarray(cmap(k % 20)[:3])
+        img[up == slot] = 0.35 * rgb[up == slot] + 0.65 * colour
+      axes[i, j].imshow(img, interpolation='nearest')
+      axes[i, j].set_title(f'{m["name"]}: pred {m["pred"][j]}', fontsize=6)
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle('after the last block: image = own token,\ncolour = patches '
+               'sharing one token, black = dropped', fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def write_figures(workdir: str, rows: List[Dict[str, Any]],
                   visuals: Dict[str, Any]) -> List[str]:
   """The Pareto plots (rows with a segmentation metric) and the exit maps."""
   out = []
-  rows = [r for r in rows if 'miou' in r]
-  if rows:
+  seg = [r for r in rows if 'miou' in r]
+  if seg:
     for metric in ('miou', 'boundary_miou'):
-      out.append(pareto(rows, os.path.join(workdir, f'pareto_{metric}.png'),
+      out.append(pareto(seg, os.path.join(workdir, f'pareto_{metric}.png'),
                         metric))
+  cls = [r for r in rows if 'top1' in r]
+  if cls:
+    out.append(pareto(cls, os.path.join(workdir, 'pareto_top1.png'), 'top1',
+                      max_drop=60.0))
   if visuals and visuals.get('maps'):
     out.append(exit_maps(visuals, os.path.join(workdir, 'exit_maps.png')))
-  return out
+  if visuals and visuals.get('token_maps'):
+    out.append(token_maps(visuals, os.path.join(workdir, 'token_maps.png')))
+  return [p for p in out if p]

@@ -46,6 +46,7 @@ import numpy as np
 from lvtp_jax import models
 from lvtp_jax import pruning
 from lvtp_jax.evaluation import seg_runner
+from lvtp_jax.evaluation import sweeps
 from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
 from lvtp_jax.models import segmenter as seg_lib
@@ -131,40 +132,8 @@ def build_model(config: ml_collections.ConfigDict, workdir: Optional[str] = None
   return model, params, prep, cfg.init_from or 'random_init'
 
 
-def sweep_settings(config: ml_collections.ConfigDict
-                   ) -> List[ml_collections.ConfigDict]:
-  """One config per evaluation setting of config.sweep.
-
-  config.sweep is a sequence of override dicts with dotted keys, e.g.
-  ({'eval.name': 'dense'}, {'pruning.name': 'dtop',
-  'pruning.dtop.threshold': 0.9}); each gives one results row. An empty
-  sweep means one setting: the config as it is. config.pruning is completed
-  with every default first (lvtp_jax.pruning.config_defaults), so a sweep
-  can set any policy's field.
-  """
-  overrides = list(config.get('sweep', ()) or ()) or [{}]
-  settings = []
-  for i, override in enumerate(overrides):
-    setting = ml_collections.ConfigDict(config.to_dict())
-    setting.pruning = pruning.resolve(setting.get('pruning'))
-    for key, value in dict(override).items():
-      *parents, leaf = key.split('.')
-      node = setting
-      for name in parents:
-        node = node.get(name) if isinstance(node, ml_collections.ConfigDict) \
-            else None
-      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise ValueError(f'config.sweep[{i}] sets {key!r}, which is not a '
-                         'config field; check the spelling against the '
-                         'config.')
-      try:
-        node[leaf] = value
-      except TypeError:
-        raise ValueError(
-            f'config.sweep[{i}] sets {key!r} to {value!r}, but the field '
-            f'holds a {type(node[leaf]).__name__} ({node[leaf]!r}).') from None
-    settings.append(setting)
-  return settings
+# Kept under its old name: callers script against it.
+sweep_settings = sweeps.settings
 
 
 def evaluate(config: ml_collections.ConfigDict,

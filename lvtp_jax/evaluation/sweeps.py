@@ -1,6 +1,8 @@
-"""Standard evaluation sweeps (config.sweep): the policy comparison, the
-LVTP ablation and the selection grid, as lists of dotted config overrides,
-one results row each.
+"""Evaluation sweeps (config.sweep) and `settings`, which expands one.
+
+The standard sweeps: the segmentation policy comparison, the LVTP ablation
+and the selection grid; the classification policy comparison and the depth
+probe. Each is a tuple of dotted config overrides, one results row each.
 
   config.sweep = sweeps.policy_comparison()
   python eval.py --config configs/quickstart.py:sweep=lvtp_ablation ...
@@ -9,7 +11,11 @@ Every setting runs on the same checkpoint with no fine-tuning; the rows'
 names are unique so that eval.py can add them to an existing results.json.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
+
+import ml_collections
+
+from lvtp_jax import pruning
 
 Sweep = Tuple[Dict[str, Any], ...]
 
@@ -187,3 +193,82 @@ def selection_grid() -> Sweep:
                  dict(colour, **{'pruning.lvtp.edge_pool': 'max',
                                  'pruning.lvtp.k2': k2})))
   return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)
+
+
+def settings(config: ml_collections.ConfigDict
+             ) -> List[ml_collections.ConfigDict]:
+  """One config per evaluation setting of config.sweep.
+
+  config.sweep is a sequence of override dicts with dotted keys, e.g.
+  ({'eval.name': 'dense'}, {'pruning.name': 'dtop',
+  'pruning.dtop.threshold': 0.9}); each gives one results row. An empty
+  sweep means one setting: the config as it is. config.pruning is completed
+  with every default first (lvtp_jax.pruning.config_defaults), so a sweep
+  can set any policy's field.
+  """
+  overrides = list(config.get('sweep', ()) or ()) or [{}]
+  settings = []
+  for i, override in enumerate(overrides):
+    setting = ml_collections.ConfigDict(config.to_dict())
+    setting.pruning = pruning.resolve(setting.get('pruning'))
+    for key, value in dict(override).items():
+      *parents, leaf = key.split('.')
+      node = setting
+      for name in parents:
+        node = node.get(name) if isinstance(node, ml_collections.ConfigDict) \
+            else None
+      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ValueError(f'config.sweep[{i}] sets {key!r}, which is not a '
+                         'config field; check the spelling against the '
+                         'config.')
+      try:
+        node[leaf] = value
+      except TypeError:
+        raise ValueError(
+            f'config.sweep[{i}] sets {key!r} to {value!r}, but the field '
+            f'holds a {type(node[leaf]).__name__} ({node[leaf]!r}).') from None
+    settings.append(setting)
+  return settings
+
+
+def classification_policies(keep_rates: Tuple[float, ...] = (
+    0.9, 0.8, 0.7, 0.6, 0.5), tome_rs: Tuple[int, ...] = (1, 2, 3, 4),
+                            random_rates: Tuple[float, ...] = (0.9, 0.7, 0.5),
+                            maps: Tuple[str, ...] = ('random0.7', 'evit0.7',
+                                                     'tome_r3')) -> Sweep:
+  """In-block reductions off the shelf, buffer mode, one row each: the
+  unpruned model, the random baseline at EViT's token counts
+  (random_drop), EViT at each keep rate and ToMe at each r. The settings
+  named in `maps` also draw their token maps (eval.token_maps images)."""
+  buffer = {'pruning.mode': 'buffer'}
+  rows = [{'eval.name': 'none'}]
+  rows += [dict(buffer, **{'eval.name': f'random{rate:g}',
+                           'pruning.name': 'random_drop',
+                           'pruning.random_drop.keep_rate': rate})
+           for rate in random_rates]
+  rows += [dict(buffer, **{'eval.name': f'evit{rate:g}', 'pruning.name': 'evit',
+                           'pruning.evit.keep_rate': rate})
+           for rate in keep_rates]
+  rows += [dict(buffer, **{'eval.name': f'tome_r{r}', 'pruning.name': 'tome',
+                           'pruning.tome.r': r})
+           for r in tome_rs]
+  return tuple(dict(row, **({} if row['eval.name'] in maps else
+                            {'eval.token_maps': 0})) for row in rows)
+
+
+def depth_probe(depth: int = 12, keep_rate: float = 0.25) -> Sweep:
+  """When does the model know? One row per block L: keep_rate of the patch
+  tokens kept (random_drop and EViT, no fused token) inside block L only,
+  after its attention. If top-1 holds when 75% of the tokens go at block 1,
+  the label is read in the first attention layer and no reduction at a
+  later block can change it."""
+  buffer = {'pruning.mode': 'buffer', 'eval.token_maps': 0}
+  rows = [{'eval.name': 'none', 'eval.token_maps': 0}]
+  for layer in range(1, depth):
+    for name, prefix in (('random_drop', 'random'), ('evit', 'evit')):
+      rows.append(dict(buffer, **{
+          'eval.name': f'{prefix}{keep_rate:g}@{layer}',
+          'pruning.name': name, f'pruning.{name}.keep_rate': keep_rate,
+          f'pruning.{name}.layers': (layer,),
+          f'pruning.{name}.fuse_token': False}))
+  return tuple(rows)

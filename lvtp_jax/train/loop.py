@@ -35,7 +35,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 from absl import logging
 import jax
@@ -160,10 +160,79 @@ def _periodic_eval(config, model, params, prep, step: int, path: str
   row = dict(step=step, eval_images=num, eval_miou=result['miou'],
              eval_boundary_miou=result['boundary_miou'],
              eval_pixel_accuracy=result['pixel_accuracy'])
+  append_jsonl(path, row)
+  return row
+
+
+def append_jsonl(path: str, row: Dict[str, Any]) -> None:
   if jax.process_index() == 0:
     with open(path, 'a') as f:
       f.write(json.dumps(row) + '\n')
-  return row
+
+
+def start_state(config: ml_collections.ConfigDict, workdir: str, params: Any,
+                tx, mesh) -> Tuple[Dict[str, Any], int, checkpoint.Checkpointer]:
+  """(state, start step, checkpointer): a fresh train state replicated on
+  `mesh`, or the one of workdir's latest checkpoint (same config); writes
+  workdir/config.json. Shared by segmentation and classification training."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init_state():
+    state = dict(params=params, opt_state=tx.init(params),
+                 step=jnp.zeros((), jnp.int32),
+                 rng=jax.random.PRNGKey(config.seed))
+    return jax.device_put(state, replicated)
+
+  state, start, ckpt = checkpoint.restore_or_init(workdir, config, init_state)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  return state, start, ckpt
+
+
+def run_steps(config: ml_collections.ConfigDict, workdir: str, *,
+              state: Dict[str, Any], start: int,
+              ckpt: checkpoint.Checkpointer, mesh, train_step,
+              batches: Iterator[Dict[str, np.ndarray]],
+              model_meta: Dict[str, Any],
+              quick_eval: Callable[[Any, int, str], str],
+              postfix: Callable[[Dict[str, float]], Dict[str, str]]
+              ) -> Dict[str, Any]:
+  """Steps start..train.num_steps: progress bar, metrics.jsonl every
+  train.log_every steps, quick_eval(params, step, metrics path) -> a line
+  to print every train.eval_every steps, checkpoints; closes `batches` and
+  the checkpointer. Returns the final state."""
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
+  to_global = functools.partial(jax.make_array_from_process_local_data,
+                                batch_sharding)
+  num_steps = config.train.num_steps
+  eval_every = config.train.get('eval_every', 0)
+  log = _MetricsLog(workdir, config.train.batch_size, ckpt)
+  bar = tqdm.tqdm(total=num_steps, initial=start, unit='step', file=sys.stderr,
+                  disable=not config.train.progress or jax.process_index())
+  try:
+    for step in range(start, num_steps):
+      batch = jax.tree.map(to_global, next(batches))
+      state, metrics = train_step(state, batch)
+      log.add(step, metrics)
+      done = step + 1
+      bar.update(1)
+      save = ckpt.manager.should_save(done) or done == num_steps
+      if save or done % config.train.log_every == 0:
+        bar.set_postfix(**postfix(log.flush(write=True)))
+      if eval_every and done % eval_every == 0 and done != num_steps:
+        bar.write(quick_eval(state['params'], done, log.path))
+      if save:
+        ckpt.save(done, state, config, force=done == num_steps,
+                  model_meta=model_meta)
+    ckpt.wait_until_finished()
+  finally:
+    bar.close()
+    ckpt.close()
+    if hasattr(batches, 'close'):
+      batches.close()
+  return state
 
 
 def train(config: ml_collections.ConfigDict, workdir: str
@@ -207,21 +276,8 @@ def train(config: ml_collections.ConfigDict, workdir: str
                     model=pretrained.module_fields(model), data=dict(prep))
   tx = optim.make_optimizer(config.train)
   schedule = optim.make_schedule(config.train)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def init_state():
-    state = dict(params=params, opt_state=tx.init(params),
-                 step=jnp.zeros((), jnp.int32),
-                 rng=jax.random.PRNGKey(config.seed))
-    return jax.device_put(state, replicated)
-
-  state, start, ckpt = checkpoint.restore_or_init(workdir, config, init_state)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  state, start, ckpt = start_state(config, workdir, params, tx, mesh)
   train_step = make_train_step(train_model, tx, schedule, config, mesh)
-  batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
   source = segmentation_datasets.open_segmentation_source(
       config.data.name, config.data.train_split, config.data.data_dir or None)
   batches = seg_data.train_batches(
@@ -235,37 +291,19 @@ def train(config: ml_collections.ConfigDict, workdir: str
       base_scale=tuple(config.data.get('base_scale', ())) or None,
       cat_max_ratio=config.data.get('cat_max_ratio', 0.75) or None,
       photometric=config.data.get('photometric', True))
-  to_global = functools.partial(jax.make_array_from_process_local_data,
-                                batch_sharding)
-  num_steps = config.train.num_steps
-  eval_every = config.train.get('eval_every', 0)
-  log = _MetricsLog(workdir, config.train.batch_size, ckpt)
-  bar = tqdm.tqdm(total=num_steps, initial=start, unit='step', file=sys.stderr,
-                  disable=not config.train.progress or jax.process_index())
-  try:
-    for step in range(start, num_steps):
-      batch = jax.tree.map(to_global, next(batches))
-      state, metrics = train_step(state, batch)
-      log.add(step, metrics)
-      done = step + 1
-      bar.update(1)
-      save = ckpt.manager.should_save(done) or done == num_steps
-      if save or done % config.train.log_every == 0:
-        row = log.flush(write=True)
-        bar.set_postfix(loss=f'{row["loss"]:.4f}', lr=f'{row["lr"]:.2e}',
-                        img_s=f'{row["images_per_second"]:.1f}')
-      if eval_every and done % eval_every == 0 and done != num_steps:
-        row = _periodic_eval(config, model, state['params'], prep, done,
-                             log.path)
-        bar.write(f'step {done}: ' + ', '.join(
-            f'{k} {v:.2f}' for k, v in row.items() if k != 'step'))
-      if save:
-        ckpt.save(done, state, config, force=done == num_steps,
-                  model_meta=model_meta)
-    ckpt.wait_until_finished()
-  finally:
-    bar.close()
-    ckpt.close()
+
+  def quick_eval(params, step, path):
+    row = _periodic_eval(config, model, params, prep, step, path)
+    return f'step {step}: ' + ', '.join(
+        f'{k} {v:.2f}' for k, v in row.items() if k != 'step')
+
+  state = run_steps(
+      config, workdir, state=state, start=start, ckpt=ckpt, mesh=mesh,
+      train_step=train_step, batches=batches, model_meta=model_meta,
+      quick_eval=quick_eval,
+      postfix=lambda row: dict(loss=f'{row["loss"]:.4f}',
+                               lr=f'{row["lr"]:.2e}',
+                               img_s=f'{row["images_per_second"]:.1f}'))
   return model, jax.device_get(state['params']), prep
 
 

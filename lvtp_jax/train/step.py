@@ -12,6 +12,7 @@ Loss = pixel cross-entropy of the final logits (ignore 255)
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -46,6 +47,34 @@ def make_train_step(model, tx, schedule, config, mesh):
       total = total + aux_weight * metrics[f'aux_loss_{k}']
     metrics['loss'] = total
     return total, metrics
+
+  return _jit_step(loss_fn, tx, schedule, mesh)
+
+
+def make_classification_step(model, tx, schedule, config, mesh):
+  """jit(state, batch) -> (state, metrics) for a ViT classifier.
+
+  Loss: cross-entropy of the logits (float32) against batch['label'], with
+  config.train.label_smoothing (0: none). A pruning policy attached to the
+  model (an EViT fine-tune) runs live in the forward. metrics: loss,
+  train top-1 (percent) and lr.
+  """
+  smoothing = config.train.get('label_smoothing', 0.0)
+
+  def loss_fn(params, batch, rng):
+    logits = model.apply({'params': params}, batch['image'], train=True,
+                         rngs={'dropout': rng}).astype(jnp.float32)
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(batch['label'], logits.shape[-1]), smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    top1 = 100.0 * (logits.argmax(-1) == batch['label']).mean()
+    return loss, dict(loss=loss, train_top1=top1)
+
+  return _jit_step(loss_fn, tx, schedule, mesh)
+
+
+def _jit_step(loss_fn, tx, schedule, mesh):
+  """The jitted update around loss_fn(params, batch, rng) -> (loss, metrics)."""
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
