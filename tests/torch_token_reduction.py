@@ -1,6 +1,9 @@
-"""PyTorch references of EViT and ToMe on timm's VisionTransformer blocks.
+"""PyTorch references of EViT, ToMe and BAT on timm's VisionTransformer blocks.
 
-Written here from ../shared/specs/classification_policies.md §2 and §3 and
+BAT has no official code: `bat` restates the reconstruction of spec §4.2,
+one image at a time with plain loops, independently of lvtp_jax/pruning/
+bat.py. EViT and ToMe are
+written here from ../shared/specs/classification_policies.md §2 and §3 and
 the behaviour of the official code (youweiliang/evit `evit.py`,
 facebookresearch/ToMe `tome/merge.py`, `tome/patch/timm.py`), which these
 functions restate in plain PyTorch rather than import or copy: the parity
@@ -93,6 +96,37 @@ def tome_schedule(r, inflect, depth):
   return [int(start + step * i) for i in range(depth)]
 
 
+def bipartite_merge(x, size, metric, r, protected):
+  """ToMe's matching and size-weighted merge (§3.1): (x, size) of n - r."""
+  b, n, c = x.shape
+  metric = metric / metric.norm(dim=-1, keepdim=True)
+  a, bb = metric[:, ::2], metric[:, 1::2]
+  scores = a @ bb.transpose(-1, -2)
+  scores[:, 0, :] = -math.inf
+  if protected == 2:
+    scores[:, :, 0] = -math.inf
+  node_max, node_idx = scores.max(dim=-1)
+  order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+  src_idx = order[:, :r]
+  unm_idx = order[:, r:].sort(dim=-1).values
+  dst_idx = node_idx.gather(1, src_idx)
+  weighted = x * size[..., None]
+  xa, xb = weighted[:, ::2], weighted[:, 1::2]
+  sa, sb = size[:, ::2], size[:, 1::2]
+  xb = xb.scatter_add(1, dst_idx[..., None].expand(-1, -1, c),
+                      xa.gather(1, src_idx[..., None].expand(-1, -1, c)))
+  sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
+  xu = xa.gather(1, unm_idx[..., None].expand(-1, -1, c))
+  su = sa.gather(1, unm_idx)
+  if protected == 2:
+    x = torch.cat([xu[:, :1], xb[:, :1], xu[:, 1:], xb[:, 1:]], dim=1)
+    size = torch.cat([su[:, :1], sb[:, :1], su[:, 1:], sb[:, 1:]], dim=1)
+  else:
+    x = torch.cat([xu, xb], dim=1)
+    size = torch.cat([su, sb], dim=1)
+  return x / size[..., None], size
+
+
 def tome(rs, distill_token=False, prop_attn=True):
   """ToMe with rs[i] tokens merged in block i (0-based); §3.1."""
   protected = 2 if distill_token else 1
@@ -100,38 +134,79 @@ def tome(rs, distill_token=False, prop_attn=True):
   def reduce(i, x, probs, keys, state):
     del probs
     state['prop_attn'] = prop_attn
-    b, n, c = x.shape
+    b, n, _ = x.shape
     r = min(rs[i], (n - protected) // 2)
     if r <= 0:
       return x
     size = state['size'] if state['size'] is not None else torch.ones(b, n)
-    metric = keys.mean(dim=1)
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, bb = metric[:, ::2], metric[:, 1::2]
-    scores = a @ bb.transpose(-1, -2)
-    scores[:, 0, :] = -math.inf
-    if distill_token:
-      scores[:, :, 0] = -math.inf
-    node_max, node_idx = scores.max(dim=-1)
-    order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
-    src_idx = order[:, :r]
-    unm_idx = order[:, r:].sort(dim=-1).values
-    dst_idx = node_idx.gather(1, src_idx)
-    weighted = x * size[..., None]
-    xa, xb = weighted[:, ::2], weighted[:, 1::2]
-    sa, sb = size[:, ::2], size[:, 1::2]
-    xb = xb.scatter_add(1, dst_idx[..., None].expand(-1, -1, c),
-                        xa.gather(1, src_idx[..., None].expand(-1, -1, c)))
-    sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
-    xu = xa.gather(1, unm_idx[..., None].expand(-1, -1, c))
-    su = sa.gather(1, unm_idx)
-    if distill_token:
-      x = torch.cat([xu[:, :1], xb[:, :1], xu[:, 1:], xb[:, 1:]], dim=1)
-      size = torch.cat([su[:, :1], sb[:, :1], su[:, 1:], sb[:, 1:]], dim=1)
-    else:
-      x = torch.cat([xu, xb], dim=1)
-      size = torch.cat([su, sb], dim=1)
-    state['size'] = size
-    return x / size[..., None]
+    x, state['size'] = bipartite_merge(x, size, keys.mean(dim=1), r,
+                                       protected)
+    return x
+
+  return reduce
+
+
+def dpc_knn(y, c, k):
+  """Spec §4.2 item 2 on y [M, C] (one image): (centres, assign)."""
+  m, ch = y.shape
+  dist = ((y[:, None, :] - y[None, :, :]) ** 2).sum(-1).sqrt() / math.sqrt(ch)
+  nearest = dist.sort(dim=1).values[:, :min(k, m)]
+  density = torch.exp(-(nearest ** 2).mean(dim=1))
+  separation = torch.empty(m, dtype=y.dtype)
+  for i in range(m):
+    denser = [j for j in range(m) if density[j] > density[i] or
+              (density[j] == density[i] and j < i)]
+    separation[i] = (dist[i, denser].min() if denser else dist[i].max())
+  score = density * separation
+  centres = torch.sort(score, descending=True, stable=True).indices[:c]
+  assign = dist[:, centres].argmin(dim=1)
+  assign[centres] = torch.arange(c)
+  return centres, assign
+
+
+def bat(layers, keep_rate, cluster_ratio=0.25, knn_k=5,
+        cluster_weights='cls_attn', match_metric='keys', prop_attn=False):
+  """BAT as reconstructed in §4.2, in the blocks `layers` (1-based)."""
+  zero_based = {k - 1 for k in layers}
+
+  def reduce(i, x, probs, keys, state):
+    state['prop_attn'] = prop_attn
+    if i not in zero_based:
+      return x
+    b, n_in, ch = x.shape
+    n = n_in - 1
+    k = math.ceil(keep_rate * n)
+    m = n - k
+    if m <= 0:
+      return x
+    c = min(max(math.ceil(cluster_ratio * m), 1), m)
+    r = min(c, k // 2)
+    size = state['size'] if state['size'] is not None else torch.ones(b, n_in)
+    score = probs[:, :, 0, 1:].mean(dim=1)
+    out_x, out_s = [], []
+    for img in range(b):
+      order = torch.sort(score[img], descending=True, stable=True).indices
+      att = order[:k]
+      inatt = order[k:].sort().values
+      sub = torch.cat([torch.zeros(1, dtype=torch.long), att + 1])
+      metric = (keys[img][:, sub].mean(dim=0) if match_metric == 'keys'
+                else x[img][sub])
+      if r:
+        xm, sm = bipartite_merge(x[img][sub][None], size[img][sub][None],
+                                 metric[None], r, 1)
+      else:
+        xm, sm = x[img][sub][None], size[img][sub][None]
+      y = x[img][inatt + 1]
+      centres, assign = dpc_knn(y, c, knn_k)
+      w = (score[img][inatt] if cluster_weights == 'cls_attn'
+           else torch.ones(m))
+      z = torch.stack([(w[assign == j, None] * y[assign == j]).sum(0) /
+                       w[assign == j].sum() for j in range(c)])
+      zs = torch.stack([size[img][inatt + 1][assign == j].sum()
+                        for j in range(c)])
+      out_x.append(torch.cat([xm[0], z]))
+      out_s.append(torch.cat([sm[0], zs]))
+    state['size'] = torch.stack(out_s)
+    return torch.stack(out_x)
 
   return reduce

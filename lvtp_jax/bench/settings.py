@@ -41,6 +41,9 @@ CLASSIFICATION = (
     Setting('tome', dict(name='tome', mode='buffer', tome=dict(r=13)),
             'ToMe README ViT-S/B setting: r = 13 in every block, '
             'proportional attention (DeiT-S 2.7 GMACs)'),
+    Setting('bat', dict(name='bat', mode='buffer', bat=dict(keep_rate=0.7)),
+            'BAT README headline: keep rate 0.7 at blocks 4, 7, 10 (DeiT-S '
+            '3.0 GMACs); spec §4.2 reconstruction, c = r = ceil(0.25 M)'),
 )
 
 TORCH_ROWS = (

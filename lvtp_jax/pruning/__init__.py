@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 # Policies register themselves on import.
+from lvtp_jax.pruning import bat  # pylint: disable=unused-import
 from lvtp_jax.pruning import dtop  # pylint: disable=unused-import
 from lvtp_jax.pruning import evit  # pylint: disable=unused-import
 from lvtp_jax.pruning import lvtp  # pylint: disable=unused-import
