@@ -10,7 +10,8 @@ Convert the timm weights once, then evaluate:
 arg (after ':'): model=<timm name> (default deit_small_patch16_224),
 dataset=imagenet2012|imagenette (imagenette maps its 10 labels onto the
 1000-class head), runlocal (64 images, small batches), sweep=none|policies
-(policies: unpruned, random, EViT 0.7/0.6/0.5, ToMe r 8/13/16, one row each,
+(policies: unpruned, random, EViT 0.7/0.6/0.5, ToMe r 8/13/16, BAT
+0.7/0.6/0.5, one row each,
 and the top-1 vs GFLOPs plot):
 
   python eval.py --config configs/deit_imagenet.py:sweep=policies \
@@ -68,6 +69,7 @@ def get_config(arg=None):
   config.eval.timing_iters = 5         # calls per timing round
   config.eval.timing_rounds = 3        # rounds; the median is reported
   config.eval.token_maps = 0           # images whose token maps are drawn
+  config.eval.in_plots = True          # False: the row stays off the plots
 
   # Evaluation settings, one results row each (dotted overrides of this
   # config); () = one row for the config as it is.
@@ -82,8 +84,9 @@ def get_config(arg=None):
 
 # sweep=policies: the papers' comparison on DeiT-S (spec
 # classification_policies.md): ToMe r 8/13/16, EViT keep rates 0.7/0.6/0.5,
-# the random baseline at EViT 0.7's token counts, unpruned; buffer mode.
+# the random baseline at EViT 0.7's token counts, BAT 0.7/0.6/0.5 (off the
+# shelf: BAT's own numbers are trained with it), unpruned; buffer mode.
 SWEEPS = {'none': tuple,
           'policies': lambda: sweeps.classification_policies(
               keep_rates=(0.7, 0.6, 0.5), tome_rs=(8, 13, 16),
-              random_rates=(0.7,), maps=())}
+              random_rates=(0.7,), bat_rates=(0.7, 0.6, 0.5), maps=())}

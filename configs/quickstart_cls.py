@@ -11,7 +11,8 @@ images at patch size 8: 64 patch tokens. Re-running resumes; --restart
 starts over.
 
 Every in-block reduction off the shelf (none, the random baseline at
-EViT's token counts, EViT at keep rates 0.9-0.5, ToMe at r 1-4), in buffer
+EViT's token counts, EViT at keep rates 0.9-0.5, ToMe at r 1-4, BAT at
+keep rates 0.9/0.7/0.5), in buffer
 mode, with the top-1 vs GFLOPs plot and token maps:
 
   python eval.py --config configs/quickstart_cls.py:sweep=policies \
@@ -28,7 +29,8 @@ arg (comma-separated):
   sweep     none (default: one row, config.pruning) | policies |
             depth_probe (75% of the tokens dropped, randomly or by EViT's
             score, inside one block L, for each L: when does the model know?)
-  finetune  EViT keep rate to fine-tune with (0: no fine-tune, default)
+  finetune  keep rate to fine-tune with (0: no fine-tune, default)
+  policy    the policy of the fine-tune: evit (default) or bat
   base      the trained run a fine-tune starts from (runs/quickstart_cls)
 """
 
@@ -45,7 +47,10 @@ from lvtp_jax.train import optim
 
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, runlocal=False, sweep='none',
-                              finetune=0.0, base='runs/quickstart_cls')
+                              finetune=0.0, policy='evit',
+                              base='runs/quickstart_cls')
+  if arg.policy not in ('evit', 'bat'):
+    raise ValueError(f'policy={arg.policy!r}: fine-tune with evit or bat.')
   if arg.sweep not in SWEEPS:
     raise ValueError(f'sweep={arg.sweep!r}; known: {sorted(SWEEPS)}.')
   if not 0.0 <= arg.finetune < 1.0:
@@ -113,18 +118,19 @@ def get_config(arg=None):
   config.eval.timing_iters = 5
   config.eval.timing_rounds = 5
   config.eval.token_maps = 6           # images whose token maps are drawn
+  config.eval.in_plots = True          # False: the row stays off the plots
 
   config.sweep = SWEEPS[arg.sweep]()
 
   if arg.finetune:
     config.model.init_from = arg.base
-    config.pruning.name = 'evit'
+    config.pruning.name = arg.policy
     config.pruning.mode = 'buffer'
-    config.pruning.evit.keep_rate = arg.finetune
+    config.pruning[arg.policy].keep_rate = arg.finetune
     config.train.lr = 2e-4
     config.train.warmup_steps = 10
     config.train.num_steps = 200
-    config.eval.name = f'evit{arg.finetune:g}_ft'
+    config.eval.name = f'{arg.policy}{arg.finetune:g}_ft'
 
   if arg.runlocal:
     config.model.width = 32
@@ -144,8 +150,8 @@ def get_config(arg=None):
     config.eval.timing_rounds = 1
     config.eval.token_maps = 2
     if arg.sweep in ('policies', 'depth_probe'):
-      keep = ('none', 'random0.7', 'evit0.7', 'tome_r3', 'random0.25@1',
-              'evit0.25@4')
+      keep = ('none', 'random0.7', 'evit0.7', 'tome_r3', 'bat0.7',
+              'random0.25@1', 'evit0.25@4')
       config.sweep = tuple(s for s in config.sweep if s['eval.name'] in keep)
   return config
 

@@ -160,7 +160,7 @@ def test_runlocal_trains_sweeps_and_fine_tunes(tmp_path):
   config = _config('runlocal,sweep=policies')
   out = cls_train.train_and_evaluate(config, base)
   rows = {r['name']: r for r in out['rows']}
-  assert list(rows) == ['none', 'random0.7', 'evit0.7', 'tome_r3']
+  assert list(rows) == ['none', 'random0.7', 'evit0.7', 'tome_r3', 'bat0.7']
   for row in rows.values():
     assert 0.0 <= row['top1'] <= 100.0 and row['num_images'] == 16
     assert row['gflops_realized'] > 0 and row['images_per_second'] > 0
@@ -172,7 +172,9 @@ def test_runlocal_trains_sweeps_and_fine_tunes(tmp_path):
   assert rows['evit0.7']['mlp_tokens_per_block'][3] == 1 + 45 + 1
   assert (rows['random0.7']['tokens_per_block'] ==
           rows['evit0.7']['tokens_per_block'])
-  for name in ('random0.7', 'evit0.7', 'tome_r3'):
+  # BAT leaves one token fewer than EViT in every stage (no fused token).
+  assert rows['bat0.7']['mlp_tokens_per_block'][3] == 1 + 45
+  for name in ('random0.7', 'evit0.7', 'tome_r3', 'bat0.7'):
     assert rows[name]['gflops_effective'] < rows['none']['gflops_effective']
   for png in ('pareto_top1.png', 'token_maps.png'):
     assert os.path.getsize(os.path.join(base, png)) > 1000
@@ -214,3 +216,17 @@ def test_token_groups():
   np.testing.assert_array_equal(
       plots.token_groups(src, (3, 3)),
       [[1, 1, -2], [-1, 3, 3], [3, -2, -2]])
+
+
+def test_diagnostic_rows_stay_off_the_plots(tmp_path, monkeypatch):
+  seen = []
+  monkeypatch.setattr(plots, 'pareto',
+                      lambda rows, path, metric, **kw: seen.append(
+                          [r['name'] for r in rows]) or path)
+  rows = [dict(name='none', policy='none', top1=50.0, gflops_effective=1.0),
+          dict(name='evit0.7', policy='evit', top1=49.0,
+               gflops_effective=0.7),
+          dict(name='evit0.25@1', policy='evit', top1=40.0,
+               gflops_effective=0.3, in_plots=False)]
+  plots.write_figures(str(tmp_path), rows, None)
+  assert seen == [['none', 'evit0.7']]

@@ -86,6 +86,7 @@ def test_quickstart_sweeps_are_valid_settings(sweep):
     ('quickstart_cls.py', 'sweep=policies,runlocal'),
     ('quickstart_cls.py', 'sweep=depth_probe'),
     ('quickstart_cls.py', 'finetune=0.6,base=/x/y'),
+    ('quickstart_cls.py', 'finetune=0.6,policy=bat,base=/x/y'),
     ('deit_imagenet.py', 'sweep=policies')])
 def test_classification_sweeps_are_valid_settings(name, arg):
   config = _load(os.path.join(REPO, 'configs', name)).get_config(arg)
@@ -101,12 +102,13 @@ def test_classification_sweeps_are_valid_settings(name, arg):
   assert len(set(names)) == len(names) > 0
   policies = {s.pruning.name for s in settings}
   if 'sweep=policies' in arg:
-    assert policies == {'none', 'random_drop', 'evit', 'tome'}
+    assert policies == {'none', 'random_drop', 'evit', 'tome', 'bat'}
   elif 'sweep=depth_probe' in arg:
     assert policies == {'none', 'random_drop', 'evit'} and len(names) == 23
   else:
-    assert config.model.init_from == '/x/y' and policies == {'evit'}
-    assert names == ['evit0.6_ft']
+    policy = 'bat' if 'policy=bat' in arg else 'evit'
+    assert config.model.init_from == '/x/y' and policies == {policy}
+    assert names == [f'{policy}0.6_ft']
   for setting in settings:
     pruning.build_spec(setting.pruning, model)
 

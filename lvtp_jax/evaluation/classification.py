@@ -226,6 +226,8 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
   )
   if weights:
     row['weights'] = weights
+  if not config.eval.get('in_plots', True):
+    row['in_plots'] = False    # a diagnostic row (sweeps.depth_probe)
   if pcfg.name != 'none':
     row.update(speedup=ips['model'] / ips['unpruned'],
                realized_flop_ratio=unpruned.gflops(

@@ -207,8 +207,10 @@ def token_maps(visuals: Dict[str, Any], path: str, max_images: int = 6) -> str:
 
 def write_figures(workdir: str, rows: List[Dict[str, Any]],
                   visuals: Dict[str, Any]) -> List[str]:
-  """The Pareto plots (rows with a segmentation metric) and the exit maps."""
+  """The Pareto plots (rows with a segmentation metric or top-1, except
+  rows marked in_plots=False) and the exit and token maps."""
   out = []
+  rows = [r for r in rows if r.get('in_plots', True)]
   seg = [r for r in rows if 'miou' in r]
   if seg:
     for metric in ('miou', 'boundary_miou'):

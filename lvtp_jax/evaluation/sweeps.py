@@ -234,12 +234,15 @@ def settings(config: ml_collections.ConfigDict
 def classification_policies(keep_rates: Tuple[float, ...] = (
     0.9, 0.8, 0.7, 0.6, 0.5), tome_rs: Tuple[int, ...] = (1, 2, 3, 4),
                             random_rates: Tuple[float, ...] = (0.9, 0.7, 0.5),
+                            bat_rates: Tuple[float, ...] = (0.9, 0.7, 0.5),
                             maps: Tuple[str, ...] = ('random0.7', 'evit0.7',
-                                                     'tome_r3')) -> Sweep:
+                                                     'tome_r3', 'bat0.7')
+                            ) -> Sweep:
   """In-block reductions off the shelf, buffer mode, one row each: the
   unpruned model, the random baseline at EViT's token counts
-  (random_drop), EViT at each keep rate and ToMe at each r. The settings
-  named in `maps` also draw their token maps (eval.token_maps images)."""
+  (random_drop), EViT at each keep rate, ToMe at each r and BAT at each
+  keep rate. The settings named in `maps` also draw their token maps
+  (eval.token_maps images)."""
   buffer = {'pruning.mode': 'buffer'}
   rows = [{'eval.name': 'none'}]
   rows += [dict(buffer, **{'eval.name': f'random{rate:g}',
@@ -252,6 +255,9 @@ def classification_policies(keep_rates: Tuple[float, ...] = (
   rows += [dict(buffer, **{'eval.name': f'tome_r{r}', 'pruning.name': 'tome',
                            'pruning.tome.r': r})
            for r in tome_rs]
+  rows += [dict(buffer, **{'eval.name': f'bat{rate:g}', 'pruning.name': 'bat',
+                           'pruning.bat.keep_rate': rate})
+           for rate in bat_rates]
   return tuple(dict(row, **({} if row['eval.name'] in maps else
                             {'eval.token_maps': 0})) for row in rows)
 
@@ -262,7 +268,8 @@ def depth_probe(depth: int = 12, keep_rate: float = 0.25) -> Sweep:
   after its attention. If top-1 holds when 75% of the tokens go at block 1,
   the label is read in the first attention layer and no reduction at a
   later block can change it."""
-  buffer = {'pruning.mode': 'buffer', 'eval.token_maps': 0}
+  buffer = {'pruning.mode': 'buffer', 'eval.token_maps': 0,
+            'eval.in_plots': False}
   rows = [{'eval.name': 'none', 'eval.token_maps': 0}]
   for layer in range(1, depth):
     for name, prefix in (('random_drop', 'random'), ('evit', 'evit')):
