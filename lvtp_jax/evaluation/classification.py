@@ -9,7 +9,6 @@ may name an in-block reduction (EViT, ToMe; lvtp_jax.pruning).
 """
 
 import functools
-import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,7 +19,6 @@ import numpy as np
 import tqdm
 
 from lvtp_jax import models
-from lvtp_jax import pretrained
 from lvtp_jax import pruning
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.data import classification as data_lib
@@ -43,17 +41,12 @@ def load_model(config: ml_collections.ConfigDict,
   which, for the results row.
   """
   cfg = config.model
-  if workdir and checkpoint.latest_step(workdir) is not None:
-    model, params, prep = checkpoint.load_for_eval(workdir, config)
-    return model, params, prep, (f'{workdir}/checkpoints/'
-                                 f'{checkpoint.latest_step(workdir)}')
+  step = checkpoint.latest_step(workdir) if workdir else None
+  if step is not None:
+    model, params, prep = checkpoint.load_for_eval(workdir, config, step)
+    return model, params, prep, f'{workdir}/checkpoints/{step}'
   if cfg.init_from:
-    if os.path.isdir(os.path.join(cfg.init_from, 'checkpoints')):
-      model, params, prep = checkpoint.load_for_eval(cfg.init_from, None)
-    else:
-      model, params, meta = pretrained.load(cfg.init_from)
-      prep = meta['data']
-    return model, params, prep, cfg.init_from
+    return (*checkpoint.load_weights(cfg.init_from), cfg.init_from)
   if not cfg.random_init:
     raise ValueError(
         'config.model.init_from is empty: point it at a converted checkpoint '

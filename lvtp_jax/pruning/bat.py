@@ -109,13 +109,11 @@ def dpc_knn(y: jax.Array, c: int, k: int) -> Tuple[jax.Array, jax.Array]:
   return centres, assign
 
 
-class BAT(registry.Policy):
+class BAT(evit.LayerReduction):
   """config.pruning.bat: keep_rate, layers, cluster_ratio, knn_k,
   cluster_weights, match_metric, prop_attn."""
   name = 'bat'
-  kind = 'reduce'
   signals = frozenset({'cls_attn', 'keys'})
-  needs_aux_heads = False
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
@@ -130,9 +128,7 @@ class BAT(registry.Policy):
 
   def make_params(self, cfg, num_stages):
     del num_stages
-    base = evit.EViT.make_params(self, ml_collections.ConfigDict(dict(
-        keep_rate=cfg.keep_rate, layers=tuple(cfg.layers),
-        fuse_token=False)), 0)
+    keep_rate, layers = self.keep_rate_and_layers(cfg)
     if not 0.0 < cfg.cluster_ratio <= 1.0:
       raise ValueError(f'config.pruning.bat.cluster_ratio={cfg.cluster_ratio} '
                        'must lie in (0, 1] (clusters per inattentive token).')
@@ -145,7 +141,7 @@ class BAT(registry.Policy):
     if cfg.match_metric not in MATCH_METRICS:
       raise ValueError(f'config.pruning.bat.match_metric={cfg.match_metric!r}'
                        f'; expected one of {MATCH_METRICS}.')
-    return BATParams(keep_rate=base.keep_rate, layers=base.layers,
+    return BATParams(keep_rate=keep_rate, layers=layers,
                      cluster_ratio=float(cfg.cluster_ratio),
                      knn_k=int(cfg.knn_k),
                      cluster_weights=cfg.cluster_weights,
@@ -155,9 +151,6 @@ class BAT(registry.Policy):
   def _out(self, params: BATParams, n_in: int, num_prefix: int) -> int:
     k, m, c, r = stage_sizes(params, n_in - num_prefix)
     return n_in if not m else num_prefix + k - r + c
-
-  # EViT's: _out in each listed layer, the layers checked against the depth.
-  token_counts = evit.EViT.token_counts
 
   def reduce(self, ctx, params):
     p = ctx.num_prefix

@@ -22,7 +22,7 @@ patch tokens are scored (ours).
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -102,22 +102,15 @@ def fuse(state: ts.TokenState, score: jax.Array, k: int, num_prefix: int,
           jnp.concatenate(order, axis=1), representative)))
 
 
-class EViT(registry.Policy):
-  """config.pruning.evit: keep_rate, layers (1-based), fuse_token."""
-  name = 'evit'
+class LayerReduction(registry.Policy):
+  """An in-block reduction that acts in the listed (1-based) blocks only,
+  with a keep rate: EViT, random_drop, BAT. Subclasses give `_out`, the
+  slots leaving a listed block; params carry `layers`."""
   kind = 'reduce'
-  signals = frozenset({'cls_attn'})
   needs_aux_heads = False
 
-  def config_defaults(self) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict()
-    cfg.keep_rate = 0.7        # rho: share of the non-prefix tokens kept
-    cfg.layers = (4, 7, 10)    # 1-based blocks (official drop_loc 3, 6, 9)
-    cfg.fuse_token = True      # sum the dropped tokens into one (official)
-    return cfg
-
-  def make_params(self, cfg, num_stages):
-    del num_stages
+  def keep_rate_and_layers(self, cfg) -> Tuple[float, Tuple[int, ...]]:
+    """cfg.keep_rate and cfg.layers, validated (errors name the field)."""
     if not 0.0 < cfg.keep_rate <= 1.0:
       raise ValueError(f'config.pruning.{self.name}.keep_rate={cfg.keep_rate} '
                        'must lie in (0, 1] (the share of tokens kept, e.g. '
@@ -127,16 +120,10 @@ class EViT(registry.Policy):
       raise ValueError(f'config.pruning.{self.name}.layers='
                        f'{tuple(cfg.layers)}: give distinct 1-based blocks, '
                        'e.g. (4, 7, 10).')
-    return EViTParams(keep_rate=float(cfg.keep_rate),
-                      layers=tuple(sorted(layers)),
-                      fuse_token=bool(cfg.fuse_token))
+    return float(cfg.keep_rate), tuple(sorted(layers))
 
-  def _out(self, params: EViTParams, n_in: int, num_prefix: int) -> int:
-    n = n_in - num_prefix
-    k = kept_count(params.keep_rate, n)
-    if k >= n:
-      return n_in
-    return num_prefix + k + (1 if params.fuse_token else 0)
+  def _out(self, params: Any, n_in: int, num_prefix: int) -> int:
+    raise NotImplementedError
 
   def token_counts(self, params, num_tokens, num_prefix, depth):
     bad = [k for k in params.layers if k > depth]
@@ -149,6 +136,32 @@ class EViT(registry.Policy):
       counts.append(self._out(params, n, num_prefix)
                     if layer in params.layers else n)
     return tuple(counts)
+
+
+class EViT(LayerReduction):
+  """config.pruning.evit: keep_rate, layers (1-based), fuse_token."""
+  name = 'evit'
+  signals = frozenset({'cls_attn'})
+
+  def config_defaults(self) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.keep_rate = 0.7        # rho: share of the non-prefix tokens kept
+    cfg.layers = (4, 7, 10)    # 1-based blocks (official drop_loc 3, 6, 9)
+    cfg.fuse_token = True      # sum the dropped tokens into one (official)
+    return cfg
+
+  def make_params(self, cfg, num_stages):
+    del num_stages
+    keep_rate, layers = self.keep_rate_and_layers(cfg)
+    return EViTParams(keep_rate=keep_rate, layers=layers,
+                      fuse_token=bool(cfg.fuse_token))
+
+  def _out(self, params: EViTParams, n_in: int, num_prefix: int) -> int:
+    n = n_in - num_prefix
+    k = kept_count(params.keep_rate, n)
+    if k >= n:
+      return n_in
+    return num_prefix + k + (1 if params.fuse_token else 0)
 
   def reduce(self, ctx, params):
     p = ctx.num_prefix

@@ -35,7 +35,6 @@ class RandomDropParams:
 class RandomDrop(evit.EViT):
   """config.pruning.random_drop: keep_rate, layers, fuse_token, seed."""
   name = 'random_drop'
-  kind = 'reduce'
   signals = frozenset()
 
   def config_defaults(self) -> ml_collections.ConfigDict:

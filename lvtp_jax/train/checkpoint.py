@@ -249,3 +249,14 @@ def load_for_eval(workdir: str, config: Optional[ml_collections.ConfigDict],
   model = models.build(meta['architecture'], meta['model'])
   params = jax.tree.map(np.asarray, state['params'])
   return model, params, dict(meta['data'])
+
+
+def load_weights(path: str) -> Tuple[Any, Any, Dict[str, Any]]:
+  """(model, params, prep) of config.model.init_from: a train.py workdir
+  (its latest checkpoint, load_for_eval) or a converted directory
+  (python -m lvtp_jax.convert; lvtp_jax.pretrained.load)."""
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return load_for_eval(path, None)
+  from lvtp_jax import pretrained  # pylint: disable=g-import-not-at-top
+  model, params, meta = pretrained.load(path)
+  return model, params, meta['data']

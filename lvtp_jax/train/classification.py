@@ -17,18 +17,12 @@ every setting of config.sweep is evaluated (lvtp_jax.evaluation.
 classification) and written to WORKDIR/results.json.
 """
 
-import functools
-import json
 import os
-import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import tqdm
 
 from lvtp_jax import models
 from lvtp_jax import pretrained
@@ -36,9 +30,9 @@ from lvtp_jax import pruning
 from lvtp_jax.data import synthetic_objects
 from lvtp_jax.models import vit as vit_lib
 from lvtp_jax.train import checkpoint
+from lvtp_jax.train import loop
 from lvtp_jax.train import model_init
 from lvtp_jax.train import optim
-from lvtp_jax.train import loop
 from lvtp_jax.train.step import make_classification_step
 from lvtp_jax.train.step import make_mesh
 
@@ -93,11 +87,7 @@ def build(cfg: ml_collections.ConfigDict, seed: int
       jnp.zeros((1, cfg.img_size, cfg.img_size, 3)))['params']
   params = fresh
   if cfg.init_from:
-    if os.path.isdir(os.path.join(cfg.init_from, 'checkpoints')):
-      source, loaded, prep = checkpoint.load_for_eval(cfg.init_from, None)
-    else:
-      source, loaded, meta = pretrained.load(cfg.init_from)
-      prep = meta['data']
+    source, loaded, prep = checkpoint.load_weights(cfg.init_from)
     if not isinstance(source, vit_lib.ViT):
       raise ValueError(f'{cfg.init_from} holds a {type(source).__name__}; a '
                        'classifier fine-tune starts from a ViT.')
@@ -182,16 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Dict[str, Any]:
   """`train`, then every setting of config.sweep -> workdir/results.json."""
   from lvtp_jax.evaluation import classification as cls_eval  # pylint: disable=g-import-not-at-top
-  from lvtp_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
-  from lvtp_jax.evaluation import results  # pylint: disable=g-import-not-at-top
   model, params, prep = train(config, workdir)
-  rows, visuals = cls_eval.evaluate_sweep(
+  return loop.write_results(config, workdir, cls_eval.evaluate_sweep(
       config, model, params, prep,
-      weights=f'{workdir}/checkpoints/{config.train.num_steps}')
-  for row in rows:
-    row['train_steps'] = config.train.num_steps
-  if jax.process_index() == 0:
-    out = results.write(workdir, rows, merge=True)
-    plots.write_figures(workdir, out['rows'], visuals)
-    return out
-  return dict(rows=rows)
+      weights=f'{workdir}/checkpoints/{config.train.num_steps}'), merge=True)

@@ -315,13 +315,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The content written to workdir/results.json.
   """
   model, params, prep = train(config, workdir)
-  rows, visuals = seg_eval.evaluate_sweep(
+  return write_results(config, workdir, seg_eval.evaluate_sweep(
       config, model, params, prep,
-      weights=f'{workdir}/checkpoints/{config.train.num_steps}')
+      weights=f'{workdir}/checkpoints/{config.train.num_steps}'))
+
+
+def write_results(config: ml_collections.ConfigDict, workdir: str,
+                  evaluated: Tuple[List[Dict[str, Any]], Any],
+                  merge: bool = False) -> Dict[str, Any]:
+  """The end of a training run: the (rows, visuals) of its final
+  evaluation, each row marked with train_steps, into workdir/results.json
+  (merged with the rows there when `merge`) and its figures."""
+  rows, visuals = evaluated
   for row in rows:
     row['train_steps'] = config.train.num_steps
   if jax.process_index() == 0:
-    out = results.write(workdir, rows)
+    out = results.write(workdir, rows, merge=merge)
     plots.write_figures(workdir, out['rows'], visuals)
     return out
   return dict(rows=rows)

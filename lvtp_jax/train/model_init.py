@@ -21,8 +21,7 @@ built unpruned here and the training loop attaches the policy, so phase 2
 the decisions live.
 """
 
-import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from flax import traverse_util
 import jax
@@ -137,12 +136,8 @@ def build(cfg: ml_collections.ConfigDict, seed: int
   train_fields = dict(aux_layers=tuple(cfg.aux_layers), aux_head=cfg.aux_head,
                       drop_path_rate=cfg.get('drop_path_rate', 0.0))
   if cfg.init_from:
-    if os.path.isdir(os.path.join(cfg.init_from, 'checkpoints')):
-      source, loaded, prep = checkpoint.load_for_eval(cfg.init_from, None)
-      fields = pretrained.module_fields(source)
-    else:
-      source, loaded, meta = pretrained.load(cfg.init_from)
-      fields, prep = meta['model'], meta['data']
+    source, loaded, prep = checkpoint.load_weights(cfg.init_from)
+    fields = pretrained.module_fields(source)
     if isinstance(source, vit_lib.ViT):
       model, loaded = _segmenter_from_backbone(source, loaded, cfg,
                                                train_fields)
