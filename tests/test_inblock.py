@@ -209,7 +209,7 @@ def test_gradients_reach_the_fused_token_weights():
     (dict(name='tome', tome=dict(r=-1)), r'tome.r=-1 must be >= 0'),
     (dict(name='tome', tome=dict(inflect=2.0)), r'inflect=2.0 must lie'),
     (dict(name='dtop'), r'needs a Segmenter.*In-block reductions run on a '
-     r"ViT: \['bat', 'evit', 'random_drop', 'tome'\]"),
+     r"ViT: \['bat', 'evit', 'gtp', 'random_drop', 'tome'\]"),
 ])
 def test_config_errors_name_the_field(cfg, match):
   with pytest.raises(ValueError, match=match):

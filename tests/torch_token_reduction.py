@@ -210,3 +210,119 @@ def bat(layers, keep_rate, cluster_ratio=0.25, knn_k=5,
     return torch.stack(out_x)
 
   return reduce
+
+
+def _gtp_graph(patches, side, graph_type, num_neighbours):
+  """GTP's normalised graph (§5.1) of patches [B, P, C] on a side x side
+  grid, with D = diag(row sums): D^-1/2 G D^-1/2, row = receiver."""
+  b, p, _ = patches.shape
+  graph = torch.zeros(b, p, p, dtype=torch.int32)
+  if graph_type in ('Spatial', 'Mixed'):
+    spatial = torch.zeros(p, p, dtype=torch.int32)
+    for i in range(p):
+      for j in range(p):
+        far = max(abs(i // side - j // side), abs(i % side - j % side))
+        spatial[i, j] = int(far == 1)
+    graph = graph | spatial[None]
+  if graph_type in ('Semantic', 'Mixed'):
+    unit = patches / patches.norm(dim=-1, keepdim=True)
+    sim = unit @ unit.transpose(1, 2)
+    # Entries >= the (P - k)-th smallest of the row (its (k+1)-th largest,
+    # self included), then self taken out by subtraction.
+    threshold = sim.kthvalue(p - num_neighbours, dim=-1, keepdim=True).values
+    semantic = (sim >= threshold).int() - torch.eye(p, dtype=torch.int32)
+    graph = graph | semantic
+  graph = graph.to(patches.dtype)
+  scale = graph.sum(dim=-1) ** -0.5
+  return scale[:, :, None] * graph * scale[:, None, :]
+
+
+def _gtp_score(probs, selection):
+  """Per-patch score of GTP's selection rules (§5.1, §5.2a) [B, N-1]."""
+  over_heads = ((lambda t: t.max(dim=1).values) if selection.endswith('Max')
+                else (lambda t: t.mean(dim=1)))
+  diag = probs.diagonal(dim1=-2, dim2=-1)[:, :, 1:]
+  cols = probs[:, :, :, 1:].sum(dim=2)
+  if selection in ('CLSAttnMean', 'CLSAttnMax'):
+    return over_heads(probs[:, :, 0, 1:])
+  if selection in ('IMGAttnMean', 'IMGAttnMax'):
+    return over_heads(cols)
+  if selection in ('DiagAttnMean', 'DiagAttnMax'):
+    return over_heads(diag)
+  if selection in ('MixedAttnMean', 'MixedAttnMax'):
+    return over_heads(diag) * over_heads(cols)
+  if selection == 'SumAttnMax':
+    return over_heads(diag) + over_heads(cols)
+  if selection in ('CosSimMean', 'CosSimMax'):
+    rows = over_heads(probs[:, :, 1:, :])
+    rows = rows / rows.norm(dim=-1, keepdim=True)
+    return -(rows @ rows.transpose(1, 2)).sum(dim=-1)
+  raise ValueError(selection)
+
+
+@torch.no_grad()
+def gtp_forward(model, images_nchw, num_prop, selection='MixedAttnMax',
+                alpha=0.1, graph_type='Mixed', num_neighbours=8,
+                token_scale=False, sparsity=1.0, margins=None):
+  """Logits of a timm ViT/DeiT (CLS token, eval mode) run as GTP-ViT's
+  models_v3.py runs it (§5.1, §5.2a), one image at a time in the
+  propagation step.
+
+  margins: a list; when given, the relative gap that keeps each of the
+  forward's discontinuous decisions as it is (the attention cut: between
+  the k-th smallest entry and the one below it; the selection: between
+  the last kept and the first propagated score) is appended per block, the
+  smallest over images and heads. A float32 forward that strays less than
+  that from this one makes the same decisions."""
+  x = model.patch_embed(images_nchw)
+  x = model._pos_embed(x)  # pylint: disable=protected-access
+  x = model.norm_pre(x)
+  b, n, c = x.shape
+  side = math.isqrt(n - 1)
+  graph = (_gtp_graph(x[:, 1:], side, graph_type, num_neighbours)
+           if num_prop else None)
+  scales = torch.ones(b, n, dtype=x.dtype)
+  for block in model.blocks:
+    n = x.shape[1]
+    attn = block.attn
+    h = attn.num_heads
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, h, c // h)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if token_scale:
+      logits = logits + scales.log()[:, None, None, :]
+    probs = logits.softmax(dim=-1)
+    cut = int(n * n * (1 - sparsity))
+    if sparsity < 1 and cut >= 1:
+      kth = probs.reshape(b, h, -1).kthvalue(cut, dim=-1).values
+      if margins is not None:
+        below = torch.where(probs < kth[:, :, None, None], probs,
+                            torch.zeros_like(probs)).amax(dim=(-2, -1))
+        margins.append(float(((kth - below) / kth).min()))
+      probs = torch.where(probs < kth[:, :, None, None],
+                          torch.zeros_like(probs), probs)
+    y = (probs @ v).transpose(1, 2).reshape(b, n, c)
+    x = x + block.ls1(attn.proj(y))
+    if num_prop and n > 1:
+      score = _gtp_score(probs, selection)
+      order = torch.sort(score, dim=1, descending=True, stable=True).indices
+      keep = max(n - 1 - num_prop, 0)
+      if margins is not None and 0 < keep < n - 1:
+        ranked = score.gather(1, order)
+        margins.append(float(((ranked[:, keep - 1] - ranked[:, keep])
+                              / ranked[:, keep - 1].abs()).min()))
+      new_x, new_s, new_g = [], [], []
+      for img in range(b):
+        kept, prop = order[img, :keep], order[img, keep:]
+        weight = graph[img][kept][:, prop]
+        patches, sizes = x[img, 1:], scales[img, 1:]
+        new_x.append(torch.cat([x[img, :1],
+                                patches[kept] + alpha * (weight @ patches[prop])]))
+        grown = sizes[kept] + alpha * (weight @ sizes[prop])
+        new_s.append(torch.cat([scales[img, :1],
+                                grown if token_scale else sizes[kept]]))
+        new_g.append(graph[img][kept][:, kept])
+      x, scales, graph = (torch.stack(new_x), torch.stack(new_s),
+                          torch.stack(new_g))
+    x = x + block.ls2(block.mlp(block.norm2(x)))
+  return model.forward_head(model.norm(x))

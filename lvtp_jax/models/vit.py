@@ -122,8 +122,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, valid, log_size, *, masked: bool,
-               want: FrozenSet[str]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """x: [B, K, D]; valid: [B, K]; log_size: [B, K] or None."""
+               want: FrozenSet[str],
+               transform: Optional[Callable[[jax.Array, jax.Array],
+                                            jax.Array]] = None
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """x: [B, K, D]; valid: [B, K]; log_size: [B, K] or None; transform:
+    (attn [B, H, K, K], valid) -> attn, applied to the normalised map
+    before attn @ v and before the signals are read (a policy's
+    attention_transform, e.g. GTP's sparsity cut; it materialises the
+    map)."""
     b, k, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -149,11 +156,18 @@ class Attention(nn.Module):
     shifted = jnp.exp(logits - jax.lax.stop_gradient(
         logits.max(axis=-1, keepdims=True)))
     denom = shifted.sum(axis=-1, keepdims=True)
-    out = jnp.einsum('bhqk,bhkd->bhqd', shifted.astype(self.dtype), v)
-    out = (out / denom.astype(out.dtype)).transpose(0, 2, 1, 3).reshape(b, k, d)
+    attn = None
+    if transform is not None:
+      attn = transform(shifted / denom, valid)
+      out = jnp.einsum('bhqk,bhkd->bhqd', attn.astype(self.dtype), v)
+    else:
+      out = jnp.einsum('bhqk,bhkd->bhqd', shifted.astype(self.dtype), v)
+      out = out / denom.astype(out.dtype)
+    out = out.transpose(0, 2, 1, 3).reshape(b, k, d)
     signals = {}
     if want & {'cls_attn', 'attn'}:
-      attn = shifted / denom
+      if attn is None:
+        attn = shifted / denom
       if 'cls_attn' in want:
         signals['cls_attn'] = attn[:, :, 0, :]
       if 'attn' in want:
@@ -201,7 +215,9 @@ class Block(nn.Module):
                proportional: bool = False, want: FrozenSet[str] = frozenset(),
                train: bool = False,
                reduce: Optional[Callable[[ts.TokenState, Dict[str, jax.Array]],
-                                         ts.TokenState]] = None):
+                                         ts.TokenState]] = None,
+               attn_transform: Optional[Callable[[jax.Array, jax.Array],
+                                                 jax.Array]] = None):
     """Returns (new_state, signals); `masked`/`proportional`/`want` are static.
 
     masked: apply the key mask from `state.valid` (False only when every slot
@@ -212,6 +228,8 @@ class Block(nn.Module):
     reduce: an in-block reduction (lvtp_jax/pruning/inblock.py), applied to
       the buffer between the attention residual and the MLP, given the
       signals in `want`; the MLP then runs on the buffer it returns.
+    attn_transform: a change to the normalised attention map (see
+      Attention), e.g. GTP's sparsity cut.
     """
     unknown = set(want) - SIGNALS
     if unknown:
@@ -223,7 +241,7 @@ class Block(nn.Module):
     log_size = jnp.log(jnp.maximum(state.size, 1.0)) if proportional else None
     y, signals = Attention(self.num_heads, dtype=self.dtype, name='attn')(
         norm('norm1')(state.x), state.valid, log_size, masked=masked,
-        want=frozenset(want))
+        want=frozenset(want), transform=attn_transform)
     if self.layer_scale:
       y = LayerScale(self.dtype, name='ls1')(y)
     state = state.replace(x=state.x + DropPath(self.drop_path)(y, train))
@@ -336,20 +354,25 @@ class ViT(nn.Module):
     """Block i on a TokenState; see Block.__call__ for the keywords."""
     return self.blocks[i](state, **kw)
 
-  def pool(self, x: jax.Array, state: Optional[ts.TokenState] = None
-           ) -> jax.Array:
+  def pool(self, x: jax.Array, state: Optional[ts.TokenState] = None,
+           size_weighted: bool = True) -> jax.Array:
     """Final-normed tokens [B, K, D] -> float32 logits [B, C] (or features
     [B, D] in the compute dtype).
 
-    global_pool 'avg': the mean of the non-prefix tokens, each weighted by
-    its size (the patches it stands for) when `state` is given, so that
-    merged tokens count as the patches they hold (ToMe's rule for MAE
-    models) and empty slots not at all.
+    global_pool 'avg': the mean of the non-prefix tokens; when `state` is
+    given, empty slots count not at all and (size_weighted) each token is
+    weighted by its size (the patches it stands for), so that merged
+    tokens count as the patches they hold (ToMe's rule for MAE models).
     """
     if self.global_pool == 'avg':
       p = self.num_prefix
-      w = (jnp.ones(x.shape[:2], jnp.float32) if state is None
-           else state.size * state.valid)[:, p:]
+      if state is None:
+        w = jnp.ones(x.shape[:2], jnp.float32)
+      elif size_weighted:
+        w = state.size * state.valid
+      else:
+        w = state.valid.astype(jnp.float32)
+      w = w[:, p:]
       feats = (jnp.einsum('bk,bkd->bd', w, x[:, p:].astype(jnp.float32),
                           precision=jax.lax.Precision.HIGHEST)
                / w.sum(axis=1, keepdims=True)).astype(x.dtype)
@@ -387,7 +410,9 @@ class ViT(nn.Module):
       counts = jnp.stack(valid_counts, axis=1)
       aux = dict(valid_tokens=counts, mlp_tokens=counts)
     x = self.norm(state.x)
-    logits = self.pool(x, state)
+    logits = self.pool(x, state, size_weighted=(
+        self.pruning is None or pruning_inblock.size_weighted_pool(
+            self.pruning)))
     if not return_aux:
       return logits
     return logits, dict(aux, tokens=x)

@@ -9,7 +9,8 @@ static PruningSpec on it (spec.py). Policies are registered by name
 (registry.py); the stage/canvas/buffer machinery is in engine.py; each
 policy lives in its own module (none.py, random_exit.py, dtop.py,
 lvtp.py with its parts tsallis.py, kmeans.py, lowlevel.py; the in-block
-reductions evit.py and tome.py on inblock.py's forward). A new
+reductions evit.py, tome.py, bat.py, gtp.py and random_drop.py on
+inblock.py's forward). A new
 policy is one module with a `registry.register(...)` call plus its import
 below.
 
@@ -25,6 +26,7 @@ import numpy as np
 from lvtp_jax.pruning import bat  # pylint: disable=unused-import
 from lvtp_jax.pruning import dtop  # pylint: disable=unused-import
 from lvtp_jax.pruning import evit  # pylint: disable=unused-import
+from lvtp_jax.pruning import gtp  # pylint: disable=unused-import
 from lvtp_jax.pruning import lvtp  # pylint: disable=unused-import
 from lvtp_jax.pruning import none  # pylint: disable=unused-import
 from lvtp_jax.pruning import random_drop  # pylint: disable=unused-import

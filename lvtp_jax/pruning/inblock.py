@@ -23,6 +23,13 @@ attention signals gathered alike.
 Proportional attention (log size added to the attention logits) is the
 policy's choice (`policy.proportional`); like the official ToMe, it starts
 in the block after the first reduction (sizes are all 1 before).
+
+A policy may also keep state from block to block (`policy.init_carry`,
+built once from the embedded tokens; it rides in TokenState.carry, indexed
+like the valid non-prefix slots, which the masked path keeps in order) and
+change every block's post-softmax attention (`policy.attention_transform`,
+given the block's static count of valid slots): GTP carries its token graph
+and cuts small attention entries this way.
 """
 
 import functools
@@ -96,7 +103,8 @@ def forward(model: Any, images: jax.Array, train: bool
   """
   spec = model.pruning
   policy = registry.get(spec.name)
-  state, _ = model.embed(images)
+  state, grid = model.embed(images)
+  state = state.replace(carry=policy.init_carry(state, spec.params, grid))
   p = model.num_prefix
   counts = policy.token_counts(spec.params, state.capacity, p, model.depth)
   masked = spec.mode == 'masked'
@@ -116,11 +124,17 @@ def forward(model: Any, images: jax.Array, train: bool
     state, _ = model.run_block(
         i, state, masked=masked and reduced,
         proportional=proportional and reduced,
-        want=want if reduce else frozenset(), train=train, reduce=reduce)
+        want=want if reduce else frozenset(), train=train, reduce=reduce,
+        attn_transform=policy.attention_transform(spec.params, n_in))
     mlp.append(state.valid.sum(axis=1, dtype=jnp.int32))
     reduced = reduced or reduce is not None
   return state, dict(valid_tokens=jnp.stack(valid, axis=1),
                      mlp_tokens=jnp.stack(mlp, axis=1), state=state)
+
+
+def size_weighted_pool(spec: Any) -> bool:
+  """Whether the policy of `spec` weighs average pooling by token size."""
+  return registry.get(spec.name).size_weighted_pool(spec.params)
 
 
 def validate_counts(policy: registry.Policy, params: Any, num_tokens: int,

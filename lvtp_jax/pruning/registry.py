@@ -28,7 +28,7 @@ Every signal is under `lax.stop_gradient`: decisions never carry gradients.
 
 Two kinds of policy (`Policy.kind`, DESIGN §1):
 
-In-block reductions ('reduce': evit, tome) act inside an encoder block,
+In-block reductions ('reduce': evit, tome, bat, gtp, random_drop) act inside an encoder block,
 between its attention residual and its MLP, where their official code acts
 (lvtp_jax/pruning/inblock.py). `reduce` receives a ReduceContext (the
 buffer after the attention residual, all slots valid, prefix first, and the
@@ -47,7 +47,8 @@ lvtp_jax/pruning/engine.py applies that to the TokenState (DESIGN §1's
 the canvas and the overflow rule are shared by every exit policy).
 """
 
-from typing import Any, Dict, FrozenSet, Hashable, List, Optional, Tuple
+from typing import (Any, Callable, Dict, FrozenSet, Hashable, List, Optional,
+                    Tuple)
 
 import flax
 import jax
@@ -188,6 +189,32 @@ class Policy:
     blocks after the first reduction (ToMe's proportional attention)."""
     del params
     return False
+
+  def init_carry(self, state: Any, params: Hashable,
+                 grid: Tuple[int, int]) -> Any:
+    """In-block reductions: the state carried from block to block
+    (TokenState.carry), from the embedded tokens (all slots valid) and the
+    patch grid (h, w); None when the policy keeps none."""
+    del state, params, grid
+    return None
+
+  def attention_transform(self, params: Hashable, num_valid: int
+                          ) -> Optional[Callable[[jax.Array, jax.Array],
+                                                 jax.Array]]:
+    """In-block reductions: a change to the post-softmax attention of
+    every block, or None. Called per block with the (static) number of
+    valid slots entering it; the callable maps (attn [B, H, K, K], valid
+    [B, K]) to the attention that multiplies the values and that the
+    policy's 'attn' signal reads (GTP's sparsity cut)."""
+    del params, num_valid
+    return None
+
+  def size_weighted_pool(self, params: Hashable) -> bool:
+    """In-block reductions: whether average pooling ('avg' models) weighs
+    every token by its size (ToMe's rule) or takes the plain mean of the
+    valid tokens (GTP's official pooling)."""
+    del params
+    return True
 
 
 def ranks(keys: jax.Array) -> jax.Array:

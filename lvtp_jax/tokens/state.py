@@ -12,7 +12,7 @@ Vocabulary used across the codebase:
             when the patch has left the encoder (exited with a prediction).
 """
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import flax
 import jax
@@ -30,11 +30,17 @@ class TokenState:
     size: [B, K] float32; how many original patches the slot stands for (1 at
       the start, merges add up; prefix slots count 1).
     src: [B, N] int32; slot index of every original patch, or -1.
+    carry: state an in-block reduction keeps from block to block (a pytree,
+      or None), indexed like the valid non-prefix slots in buffer order;
+      GTP's graph (lvtp_jax/pruning/gtp.py). Functions here pass it on
+      unchanged; the in-block path moves slots only with `compact`, which
+      keeps their order, so it stays aligned.
   """
   x: jax.Array
   valid: jax.Array
   size: jax.Array
   src: jax.Array
+  carry: Any = None
 
   @property
   def capacity(self) -> int:
@@ -117,7 +123,7 @@ def _moved(state: TokenState, idx: jax.Array, valid: jax.Array,
       x=_take_rows(state.x, idx),
       valid=valid,
       size=jnp.where(valid, _take_rows(state.size, idx), 0.0),
-      src=remap_src(state.src, old_to_new))
+      src=remap_src(state.src, old_to_new), carry=state.carry)
 
 
 def scatter(values: jax.Array, idx: jax.Array, base: jax.Array) -> jax.Array:
@@ -199,7 +205,7 @@ def pad(state: TokenState, capacity: int) -> TokenState:
                             axis=1),
       size=jnp.concatenate([state.size, jnp.zeros((b, extra),
                                                   state.size.dtype)], axis=1),
-      src=state.src)
+      src=state.src, carry=state.carry)
 
 
 def new_slots(order: jax.Array, representative: jax.Array) -> jax.Array:
