@@ -1,8 +1,11 @@
-r"""lvtp_jax's EViT and ToMe against their official PyTorch code, same device.
+r"""lvtp_jax's EViT, ToMe and GTP against their official PyTorch code, same
+device.
 
   git clone https://github.com/facebookresearch/ToMe /tmp/ToMe
   git clone https://github.com/youweiliang/evit /tmp/evit
-  python -m lvtp_jax.bench.official --tome /tmp/ToMe --evit /tmp/evit
+  git clone https://github.com/Ackesnal/GTP-ViT /tmp/GTP-ViT
+  python -m lvtp_jax.bench.official --tome /tmp/ToMe --evit /tmp/evit \
+      --gtp /tmp/GTP-ViT
 
 The official repositories are not dependencies of lvtp_jax and nothing of
 them is copied here: they are imported from the checkouts given, at run
@@ -14,8 +17,9 @@ EViT model is built from its class (its factory functions predate timm 1.0).
 
 Rows (DeiT-S/16 at 224, float32, the same random weights everywhere):
 timm eager unpruned, the official ToMe (tome.patch.timm, model.r = r) and
-the official EViT (evit.EViT, keep rate at blocks 4/7/10, fused token), and
-lvtp_jax unpruned, ToMe and EViT in buffer mode. Before timing, each
+the official EViT (evit.EViT, keep rate at blocks 4/7/10, fused token),
+with --gtp the official GTP-ViT (models_v3.py, README settings, see
+official_gtp), and lvtp_jax unpruned, ToMe, EViT (and GTP) in buffer mode. Before timing, each
 lvtp_jax model's logits are checked against its official counterpart
 (1e-4 x max |logits|). All rows are timed interleaved in one process, after
 warm-up (JAX: block_until_ready; PyTorch: eager under inference_mode,
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import types
 
 import jax
@@ -77,9 +82,45 @@ def official_evit(evit_path: str, keep_rate: float, state_dict):
   return model
 
 
+def official_gtp(gtp_path: str, num_prop: int, state_dict):
+  """The official GTP-ViT DeiT-S (models_v3.py) holding `state_dict`, as
+  its README runs it (MixedAttnMax, GraphProp, Mixed graph, 8 neighbours,
+  alpha 0.1, sparsity 1, no token scales).
+
+  Two run-time shims, nothing changed in the checkout: the constructor's
+  `.to("cuda")` of the spatial graph goes to the CPU when no GPU is there
+  (torch.Tensor.to wrapped while the model is built), and propagate()'s
+  append to a file `missing` in the working directory on every call (a
+  debugging side effect of the official code) lands in a temporary
+  directory (the caller runs the model there)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  models_v3 = _import_from(gtp_path, 'models_v3')
+  original = torch.Tensor.to
+
+  def to(tensor, *args, **kwargs):
+    if (not torch.cuda.is_available() and args
+        and str(args[0]).startswith('cuda')):
+      return tensor
+    return original(tensor, *args, **kwargs)
+
+  torch.Tensor.to = to
+  try:
+    model = models_v3.graph_propagation_deit_small_patch16_224(
+        selection='MixedAttnMax', propagation='GraphProp', num_prop=num_prop,
+        graph_type='Mixed', num_neighbours=8, alpha=0.1, sparsity=1.0,
+        token_scale=False)
+  finally:
+    torch.Tensor.to = original
+  if torch.cuda.is_available():
+    model.spatial_graph = model.spatial_graph.cuda()
+  model.load_state_dict(state_dict)
+  return model.eval()
+
+
 def run(tome_path: str, evit_path: str, *, batch: int, r: int,
-        keep_rate: float, warmup: int, iters: int, rounds: int, seed: int = 0):
-  """Times the six rows; returns the measurements."""
+        keep_rate: float, warmup: int, iters: int, rounds: int, seed: int = 0,
+        gtp_path: str = None, num_prop: int = 8):
+  """Times the rows (six, eight with GTP); returns the measurements."""
   import copy  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -100,6 +141,11 @@ def run(tome_path: str, evit_path: str, *, batch: int, r: int,
   official = {'timm eager unpruned': timm_ref,
               f'official ToMe r={r}': tome_ref,
               f'official EViT {keep_rate}': evit_ref}
+  if gtp_path:
+    ours[f'lvtp_jax GTP P={num_prop}'] = pruning.attach(model, dict(
+        name='gtp', mode='buffer', gtp=dict(num_prop=num_prop)))
+    official[f'official GTP P={num_prop}'] = official_gtp(
+        gtp_path, num_prop, state_dict)
   calls, logits = {}, {}
   for name, module in official.items():
     call, get = timm_compare.torch_forward(module, x, 'float32')
@@ -140,6 +186,10 @@ def main(argv=None) -> int:
                       help='path of a checkout of facebookresearch/ToMe')
   parser.add_argument('--evit', required=True,
                       help='path of a checkout of youweiliang/evit')
+  parser.add_argument('--gtp', default=None,
+                      help='path of a checkout of Ackesnal/GTP-ViT (optional)')
+  parser.add_argument('--num-prop', type=int, default=8,
+                      help='GTP tokens propagated per block')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--r', type=int, default=13)
   parser.add_argument('--keep-rate', type=float, default=0.7)
@@ -148,9 +198,17 @@ def main(argv=None) -> int:
   parser.add_argument('--rounds', type=int, default=7)
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args(argv)
-  res = run(args.tome, args.evit, batch=args.batch, r=args.r,
-            keep_rate=args.keep_rate, warmup=args.warmup, iters=args.iters,
-            rounds=args.rounds)
+  with tempfile.TemporaryDirectory() as scratch:
+    here = os.getcwd()
+    os.chdir(scratch)    # the official GTP writes ./missing on every call
+    try:
+      res = run(os.path.join(here, args.tome), os.path.join(here, args.evit),
+                batch=args.batch, r=args.r, keep_rate=args.keep_rate,
+                warmup=args.warmup, iters=args.iters, rounds=args.rounds,
+                gtp_path=args.gtp and os.path.join(here, args.gtp),
+                num_prop=args.num_prop)
+    finally:
+      os.chdir(here)
   print(f'{res["model"]}, batch {res["batch"]}, float32, on {res["device"]} '
         f'(torch {res["torch_threads"]} threads)')
   for name, ips in res['images_per_second'].items():

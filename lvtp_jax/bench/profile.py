@@ -92,11 +92,13 @@ _BLOCK_OPS = re.compile(r'blocks_N/(attn|mlp|norm1|norm2|ls1|ls2)/|'
 
 def reduction_ms(rows: Profile) -> float:
   """Milliseconds of the operations inside encoder blocks that are not the
-  block's own (attention, MLP, norms, residual adds): the work an in-block
-  reduction adds (its signals, e.g. the CLS attention row, count as the
-  attention's)."""
+  block's own (attention, MLP, norms, residual adds), plus the policy's
+  per-image set-up (GTP's graph, under the 'policy_init' scope): the work
+  an in-block reduction adds (its signals, e.g. the CLS attention row,
+  count as the attention's)."""
   return sum(ms for op, ms, _ in rows
-             if 'blocks_N/' in op and not _BLOCK_OPS.search(op))
+             if ('blocks_N/' in op and not _BLOCK_OPS.search(op))
+             or 'policy_init/' in op)
 
 
 def format_profile(title: str, rows: Profile, wall_ms: float,

@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Sequence
 
 from absl import app
 from absl import flags
-import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 

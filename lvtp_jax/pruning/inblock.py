@@ -104,7 +104,8 @@ def forward(model: Any, images: jax.Array, train: bool
   spec = model.pruning
   policy = registry.get(spec.name)
   state, grid = model.embed(images)
-  state = state.replace(carry=policy.init_carry(state, spec.params, grid))
+  with jax.named_scope('policy_init'):   # bench/profile.py counts it
+    state = state.replace(carry=policy.init_carry(state, spec.params, grid))
   p = model.num_prefix
   counts = policy.token_counts(spec.params, state.capacity, p, model.depth)
   masked = spec.mode == 'masked'
