@@ -70,6 +70,7 @@ def get_config(arg=None):
   config.eval.timing_rounds = 3        # rounds; the median is reported
   config.eval.token_maps = 0           # images whose token maps are drawn
   config.eval.in_plots = True          # False: the row stays off the plots
+  config.eval.family = ''              # plot/selection group ('' = policy)
 
   # Evaluation settings, one results row each (dotted overrides of this
   # config); () = one row for the config as it is.
@@ -85,8 +86,10 @@ def get_config(arg=None):
 # sweep=policies: the papers' comparison on DeiT-S (spec
 # classification_policies.md): ToMe r 8/13/16, EViT keep rates 0.7/0.6/0.5,
 # the random baseline at EViT 0.7's token counts, BAT 0.7/0.6/0.5 (off the
-# shelf: BAT's own numbers are trained with it), unpruned; buffer mode.
+# shelf: BAT's own numbers are trained with it), GTP P 4/8/13 with its
+# defaults and with the official README's settings, unpruned; buffer mode.
 SWEEPS = {'none': tuple,
           'policies': lambda: sweeps.classification_policies(
               keep_rates=(0.7, 0.6, 0.5), tome_rs=(8, 13, 16),
-              random_rates=(0.7,), bat_rates=(0.7, 0.6, 0.5), maps=())}
+              random_rates=(0.7,), bat_rates=(0.7, 0.6, 0.5),
+              gtp_props=(4, 8, 13), maps=())}

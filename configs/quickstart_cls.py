@@ -119,6 +119,7 @@ def get_config(arg=None):
   config.eval.timing_rounds = 5
   config.eval.token_maps = 6           # images whose token maps are drawn
   config.eval.in_plots = True          # False: the row stays off the plots
+  config.eval.family = ''              # plot/selection group ('' = policy)
 
   config.sweep = SWEEPS[arg.sweep]()
 
@@ -131,6 +132,7 @@ def get_config(arg=None):
     config.train.warmup_steps = 10
     config.train.num_steps = 200
     config.eval.name = f'{arg.policy}{arg.finetune:g}_ft'
+    config.eval.family = f'{arg.policy} (fine-tuned)'
 
   if arg.runlocal:
     config.model.width = 32
@@ -150,8 +152,7 @@ def get_config(arg=None):
     config.eval.timing_rounds = 1
     config.eval.token_maps = 2
     if arg.sweep in ('policies', 'depth_probe'):
-      keep = ('none', 'random0.7', 'evit0.7', 'tome_r3', 'bat0.7',
-              'random0.25@1', 'evit0.25@4')
+      keep = ('none', 'evit0.7', 'gtp_P3', 'random0.25@1', 'evit0.25@4')
       config.sweep = tuple(s for s in config.sweep if s['eval.name'] in keep)
   return config
 

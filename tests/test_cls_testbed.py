@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import eval as eval_main
 from lvtp_jax import pruning
 from lvtp_jax.data import synthetic_objects as so
 from lvtp_jax.evaluation import plots
+from lvtp_jax.evaluation import selection
 from lvtp_jax.models import vit as vit_lib
 from lvtp_jax.train import classification as cls_train
 from tests import tiny_segmenter as tiny
@@ -160,7 +160,7 @@ def test_runlocal_trains_sweeps_and_fine_tunes(tmp_path):
   config = _config('runlocal,sweep=policies')
   out = cls_train.train_and_evaluate(config, base)
   rows = {r['name']: r for r in out['rows']}
-  assert list(rows) == ['none', 'random0.7', 'evit0.7', 'tome_r3', 'bat0.7']
+  assert list(rows) == ['none', 'evit0.7', 'gtp_P3']
   for row in rows.values():
     assert 0.0 <= row['top1'] <= 100.0 and row['num_images'] == 16
     assert row['gflops_realized'] > 0 and row['images_per_second'] > 0
@@ -170,11 +170,10 @@ def test_runlocal_trains_sweeps_and_fine_tunes(tmp_path):
   # EViT 0.7 at blocks 4, 7, 10 (1-based): 64 -> 45 (+1 fused) -> ...
   assert rows['evit0.7']['tokens_per_block'][3] == 65.0
   assert rows['evit0.7']['mlp_tokens_per_block'][3] == 1 + 45 + 1
-  assert (rows['random0.7']['tokens_per_block'] ==
-          rows['evit0.7']['tokens_per_block'])
-  # BAT leaves one token fewer than EViT in every stage (no fused token).
-  assert rows['bat0.7']['mlp_tokens_per_block'][3] == 1 + 45
-  for name in ('random0.7', 'evit0.7', 'tome_r3', 'bat0.7'):
+  # GTP propagates 3 patches in every block.
+  assert rows['gtp_P3']['mlp_tokens_per_block'] == [65.0 - 3 * (i + 1)
+                                                    for i in range(12)]
+  for name in ('evit0.7', 'gtp_P3'):
     assert rows[name]['gflops_effective'] < rows['none']['gflops_effective']
   for png in ('pareto_top1.png', 'token_maps.png'):
     assert os.path.getsize(os.path.join(base, png)) > 1000
@@ -187,6 +186,21 @@ def test_runlocal_trains_sweeps_and_fine_tunes(tmp_path):
   row = [r for r in again['rows'] if r['name'] == 'none'][-1]
   assert row['top1'] == rows['none']['top1']
   assert row['weights'].endswith('/checkpoints/4')
+
+  # The held-out selection protocol: picks on 'selection', reported once on
+  # validation with paired intervals.
+  chosen = selection.run_classification(config, base, 'selection', [0.2],
+                                        resamples=200)
+  (pick_evit, pick_gtp) = [p for p in chosen['picks'] if p['name']]
+  assert (pick_evit['name'], pick_gtp['name']) == ('evit0.7', 'gtp_P3')
+  assert [r['name'] for r in chosen['rows']] == [
+      'unpruned', 'pick/evit0.7', 'pick/gtp_P3']
+  assert all(r['dataset'].endswith(':selection') for r in chosen['grid_rows'])
+  assert all(r['dataset'].endswith(':validation') for r in chosen['rows'])
+  (pair,) = chosen['paired']
+  assert pair['top1']['low'] <= pair['top1']['diff'] <= pair['top1']['high']
+  for name in ('picks.json', 'paired.json', 'results.json'):
+    assert os.path.exists(os.path.join(base, 'selection', name))
 
   # EViT's protocol: a fine-tune from the base run with the policy live.
   tuned = _config(f'runlocal,finetune=0.7,base={base}')

@@ -16,7 +16,6 @@ tested end to end at 64 px (16 patches) and exactly, on shared maps, here.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,13 +161,13 @@ def test_average_pooling_is_the_plain_mean_as_official():
 # Masked == buffer, counts, source map, errors.
 # ----------------------------------------------------------------------------
 
-_TINY = test_inblock._TINY
-_TINY_PARAMS = test_inblock._TINY_PARAMS
+_TINY = vit_lib.create_vit('Ti/16', img_size=64, num_classes=10, depth=4)
+_TINY_PARAMS = tiny.random_params(_TINY, x_shape=(1, 64, 64, 3), scale=0.05)
 
 
 @pytest.mark.parametrize('fields', [
-    dict(num_prop=1, sparsity=0.7, token_scale=True),
-    dict(num_prop=1, selection='DiagAttnMax', graph_type='Semantic',
+    dict(num_prop=2, sparsity=0.7, token_scale=True),
+    dict(num_prop=3, selection='DiagAttnMax', graph_type='Semantic',
          num_neighbours=4),
 ], ids=str)
 def test_masked_equals_buffer_and_the_source_map(fields):
@@ -180,9 +179,9 @@ def test_masked_equals_buffer_and_the_source_map(fields):
                                     dict(cfg, mode='buffer'))
   np.testing.assert_allclose(masked, buffer, rtol=0, atol=1e-5)
   counts = pruning.get('gtp').token_counts(
-      pruning.build_spec(cfg, _TINY).params, 17, 1, 12)
+      pruning.build_spec(cfg, _TINY).params, 17, 1, 4)
   np.testing.assert_array_equal(baux['mlp_tokens'],
-                                np.broadcast_to(counts[1:], (3, 12)))
+                                np.broadcast_to(counts[1:], (3, 4)))
   np.testing.assert_array_equal(maux['mlp_tokens'], baux['mlp_tokens'])
   np.testing.assert_array_equal(maux['state'].src, baux['state'].src)
   # 'nearest': every patch has a representative among the kept tokens.

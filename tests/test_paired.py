@@ -148,3 +148,24 @@ def test_parse_pairs():
   for bad in ('ab', 'a:', ':b', 'a:b:c'):
     with pytest.raises(ValueError, match='write A:B'):
       paired.parse_pairs([bad])
+
+
+def test_paired_accuracy_difference_and_its_interval():
+  rng = np.random.default_rng(0)
+  a = rng.random(400) < 0.7
+  b = a.copy()
+  b[:40] = True                      # B fixes some of A's errors, never worse
+  counts = paired.bootstrap_counts(400, 2000, seed=1)
+  out = paired.compare_accuracy(a, b, counts)
+  assert out['a'] == pytest.approx(100 * a.mean())
+  assert out['diff'] == pytest.approx(100 * (b.mean() - a.mean()))
+  # Resampling the images by hand gives the same interval.
+  diffs = [100 * ((b[idx].mean()) - a[idx].mean()) for idx in (
+      np.repeat(np.arange(400), c) for c in counts)]
+  lo, hi = np.percentile(diffs, [2.5, 97.5])
+  assert (out['low'], out['high']) == pytest.approx((lo, hi))
+  assert out['low'] >= 0 and out['p_b_ge_a'] == 1.0
+  same = paired.compare_accuracy(a, a, counts)
+  assert same['diff'] == 0 and same['low'] == same['high'] == 0
+  with pytest.raises(ValueError, match='same images'):
+    paired.compare_accuracy(a, b[:-1], counts)

@@ -34,9 +34,19 @@ def test_best_metric_within_the_budget_ties_go_to_the_cheaper():
   assert first['value'] == 38.0 and first['gflops_effective'] == 0.6
 
 
+def test_rows_group_by_family_when_they_have_one():
+  rows = ROWS + [dict(_row('a_readme', 'a', 0.55, 49.5, 39.5),
+                      family='a (README)')]
+  got = {p['policy']: p['name'] for p in selection.choose(rows, [0.3],
+                                                          'boundary_miou')}
+  assert got == {'a': 'a_mid_same', 'a (README)': 'a_readme', 'b': None}
+
+
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match='metric'):
     selection.choose(ROWS, [0.3], 'top1')
+  with pytest.raises(ValueError, match='metric'):
+    selection.choose(ROWS, [0.3], 'accuracy')
   with pytest.raises(ValueError, match='cut=1.5'):
     selection.choose(ROWS, [1.5], 'miou')
   with pytest.raises(ValueError, match='no unpruned row'):

@@ -128,7 +128,8 @@ class _Unpruned:
 def evaluate_model(config: ml_collections.ConfigDict, model, params,
                    prep: Dict[str, Any], *, weights: str = '',
                    unpruned: Optional[_Unpruned] = None,
-                   maps: int = 0) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                   maps: int = 0, per_image: bool = False
+                   ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Runs config.eval on config.data with config.pruning; one results row.
 
   A pruned row (an in-block reduction, lvtp_jax.pruning) also records
@@ -138,7 +139,8 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
   Returns:
     (row, visual): visual holds, for the first `maps` images, the images
     and the final `src` (the slot that represents each patch; -1 dropped)
-    and sizes of the slots.
+    and sizes of the slots; with per_image, visual['correct'] is the bool
+    [images] of which images were classified right (paired comparisons).
   """
   model = models.with_dtype(model, config.model.get('dtype', 'float32'))
   pcfg = pruning.resolve(config.get('pruning'))
@@ -152,7 +154,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
                                                       len(source))
   correct = 0
   seen = 0
-  valid_tokens, mlp_tokens = [], []
+  valid_tokens, mlp_tokens, hits = [], [], []
   last_batch = None
   visual = {}
   batches = _batches(config, source, label_map, prep, num)
@@ -165,6 +167,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
     mask = batch['mask']
     correct += int(((pred == batch['label']) & mask).sum())
     seen += int(mask.sum())
+    hits.append((pred == batch['label'])[mask])
     valid_tokens.append(np.asarray(aux['valid_tokens'])[mask])
     mlp_tokens.append(np.asarray(aux['mlp_tokens'])[mask])
     bar.set_postfix(top1=f'{100.0 * correct / max(seen, 1):.2f}')
@@ -221,35 +224,42 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
     row['weights'] = weights
   if not config.eval.get('in_plots', True):
     row['in_plots'] = False    # a diagnostic row (sweeps.depth_probe)
+  if config.eval.get('family'):
+    row['family'] = config.eval.family   # e.g. 'gtp (README)', '... (fine-tuned)'
   if pcfg.name != 'none':
     row.update(speedup=ips['model'] / ips['unpruned'],
                realized_flop_ratio=unpruned.gflops(
                    params, images, dcfg.batch_size) / realized)
   if visual:
     visual['name'] = row['name']
+  if per_image:
+    visual['correct'] = np.concatenate(hits)
   return row, visual
 
 
 def evaluate_sweep(config: ml_collections.ConfigDict, model, params,
-                   prep: Dict[str, Any], weights: str = ''
+                   prep: Dict[str, Any], weights: str = '',
+                   per_image: bool = False
                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
   """`evaluate_model` for each setting of config.sweep (one model).
 
   Returns:
     (rows, visuals): visuals['maps'] holds the first config.eval.token_maps
-    images' token maps of every setting (lvtp_jax.evaluation.plots).
+    images' token maps of every setting (lvtp_jax.evaluation.plots);
+    with per_image, visuals['correct'][row name] the per-image hits.
   """
-  rows, maps = [], []
+  rows, maps, correct = [], [], {}
   unpruned = _Unpruned(models.with_dtype(
       model, config.model.get('dtype', 'float32')))
   for setting in sweeps.settings(config):
     row, visual = evaluate_model(
         setting, model, params, prep, weights=weights, unpruned=unpruned,
-        maps=setting.eval.get('token_maps', 0))
+        maps=setting.eval.get('token_maps', 0), per_image=per_image)
     rows.append(row)
+    correct[row['name']] = visual.pop('correct', None)
     if visual:
       maps.append(visual)
-  return rows, dict(token_maps=maps, prep=prep)
+  return rows, dict(token_maps=maps, prep=prep, correct=correct)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None

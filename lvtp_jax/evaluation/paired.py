@@ -108,18 +108,44 @@ def compare(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray],
                      f'have {full_a.shape[0]}.')
   ones = np.ones((1, full_a.shape[0]), np.int64)
   out = {}
-  tail = 100 * (1 - level) / 2
   for metric, key in METRICS.items():
-    ma = resampled_miou(a[key], counts)
-    mb = resampled_miou(b[key], counts)
-    diffs = mb - ma
-    obs_a = float(resampled_miou(a[key], ones)[0])
-    obs_b = float(resampled_miou(b[key], ones)[0])
-    low, high = np.percentile(diffs, [tail, 100 - tail])
-    out[metric] = dict(a=obs_a, b=obs_b, diff=obs_b - obs_a, low=float(low),
-                       high=float(high), p_b_ge_a=float(np.mean(diffs >= 0)),
-                       std=float(diffs.std()))
+    out[metric] = summarise(
+        float(resampled_miou(a[key], ones)[0]),
+        float(resampled_miou(b[key], ones)[0]),
+        resampled_miou(b[key], counts) - resampled_miou(a[key], counts),
+        level)
   return out
+
+
+def summarise(obs_a: float, obs_b: float, diffs: np.ndarray,
+              level: float) -> Dict[str, Any]:
+  """One comparison's record from the observed values and the resampled
+  differences B - A (see compare)."""
+  tail = 100 * (1 - level) / 2
+  low, high = np.percentile(diffs, [tail, 100 - tail])
+  return dict(a=obs_a, b=obs_b, diff=obs_b - obs_a, low=float(low),
+              high=float(high), p_b_ge_a=float(np.mean(diffs >= 0)),
+              std=float(diffs.std()))
+
+
+def compare_accuracy(correct_a: np.ndarray, correct_b: np.ndarray,
+                     counts: np.ndarray, level: float = 0.95
+                     ) -> Dict[str, Any]:
+  """Top-1 (percent) of B minus A, paired over the same images: per-image
+  hits [N] (bool) of both settings, resampled with bootstrap_counts(N, R,
+  seed); the record of compare() for one metric."""
+  if not 0 < level < 1:
+    raise ValueError(f'level={level}: a probability in (0, 1), e.g. 0.95.')
+  a = np.asarray(correct_a, np.float64)
+  b = np.asarray(correct_b, np.float64)
+  if a.shape != b.shape or counts.shape[1] != a.shape[0]:
+    raise ValueError(f'per-image hits of {a.shape} and {b.shape} images and '
+                     f'counts for {counts.shape[1]}: evaluate both settings '
+                     'on the same images.')
+  n = a.shape[0]
+  resampled = lambda hits: 100.0 * (counts @ hits) / n
+  return summarise(100.0 * a.mean(), 100.0 * b.mean(),
+                   resampled(b) - resampled(a), level)
 
 
 def pairs_from_picks(picks: Sequence[Dict[str, Any]],

@@ -38,32 +38,36 @@ def pareto(rows: List[Dict[str, Any]], path: str, metric: str = 'miou',
            title: str = '', max_drop: float = 6.0) -> str:
   """One point per row: x = gflops_effective, y = rows[metric].
 
-  Every row of a policy is a dot; its Pareto front (front()) is joined and
-  labelled. The unpruned model is a black star with a dashed line at its
+  Every row of a policy (or of its `family`, e.g. 'evit (fine-tuned)',
+  when the row has one) is a dot; its Pareto front (front()) is joined and
+  labelled; fine-tuned families are drawn dashed with squares. The unpruned model is a black star with a dashed line at its
   quality. Rows more than max_drop points below the unpruned model are left
   off the axes and named in a note, so one failed setting does not flatten
   the rest.
   """
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-  policies = sorted({r['policy'] for r in rows if r['policy'] != 'none'})
+  group = lambda r: r.get('family') or r['policy']
+  policies = sorted({group(r) for r in rows if r['policy'] != 'none'})
   unpruned = [r for r in rows if r['policy'] == 'none']
   floor = unpruned[-1][metric] - max_drop if unpruned else -np.inf
   cmap = plt.get_cmap('tab10')
   off = []
   for i, policy in enumerate(policies):
-    mine = [r for r in rows if r['policy'] == policy]
+    mine = [r for r in rows if group(r) == policy and r['policy'] != 'none']
     off += [r['name'] for r in mine if r[metric] < floor]
     mine = [r for r in mine if r[metric] >= floor]
     if not mine:
       continue
     pts = [(r['gflops_effective'], r[metric]) for r in mine]
-    ax.plot(*zip(*pts), 'o', color=cmap(i), ms=3, alpha=0.45)
+    ax.plot(*zip(*pts), 'o', color=cmap(i % 10), ms=3, alpha=0.45)
     best = front(pts)
-    ax.plot([pts[j][0] for j in best], [pts[j][1] for j in best], 'o-',
-            color=cmap(i), label=policy, ms=5, lw=1)
+    tuned = 'fine-tuned' in policy
+    ax.plot([pts[j][0] for j in best], [pts[j][1] for j in best],
+            's--' if tuned else 'o-', color=cmap(i % 10), label=policy,
+            ms=5, lw=1)
     for j in best:
       ax.annotate(mine[j]['name'], pts[j], fontsize=5, xytext=(3, 3),
-                  textcoords='offset points', color=cmap(i))
+                  textcoords='offset points', color=cmap(i % 10))
   if unpruned:
     r = unpruned[-1]
     ax.plot(r['gflops_effective'], r[metric], '*', color='k', ms=11,

@@ -2,6 +2,14 @@
 
   python -m lvtp_jax.evaluation.selection \
       --config configs/quickstart.py:sweep=selection --workdir runs/quickstart
+  python -m lvtp_jax.evaluation.selection \
+      --config configs/quickstart_cls.py:sweep=policies \
+      --workdir runs/quickstart_cls --cuts 0.2,0.3,0.4
+
+Classifiers (config.task 'classification', run_classification) follow the
+same steps with top-1 as the metric, buffer mode throughout (in-block
+reductions are exact there), and add a paired image bootstrap of top-1
+between every two picks at each cut (WORKDIR/selection/paired.json).
 
 Tuning a policy's knobs on the images its numbers are reported on flatters
 whichever policy has more knobs. This is the honest protocol instead:
@@ -48,6 +56,7 @@ from lvtp_jax.evaluation import segmentation
 from lvtp_jax.evaluation import sweeps
 
 METRICS = ('miou', 'boundary_miou', 'pixel_accuracy')
+CLASSIFICATION_METRICS = ('top1',)
 # Grid rows are only compared on quality and effective GFLOPs: one short
 # timing round each, and no exit maps.
 _GRID_EVAL = {'eval.exit_maps': 0, 'eval.timing_rounds': 1,
@@ -84,12 +93,20 @@ def choose(rows: Sequence[Dict[str, Any]], cuts: Sequence[float],
            metric: str) -> List[Dict[str, Any]]:
   """The picks (module docstring, step 2) from the grid's rows.
 
+  Rows are grouped by their `family` when they have one (e.g. GTP with the
+  official README's settings, 'gtp (README)'), else by policy.
+
   Returns one record per (cut, policy), in the order of cuts, then policy
   names: dict(cut, policy, budget_gflops, name (the grid row, None when no
   setting is cheap enough), value, gflops_effective).
   """
-  if metric not in METRICS:
-    raise ValueError(f'metric={metric!r}; known: {METRICS}.')
+  if metric not in METRICS + CLASSIFICATION_METRICS:
+    raise ValueError(f'metric={metric!r}; known: '
+                     f'{METRICS + CLASSIFICATION_METRICS}.')
+  lacking = [r.get('name') for r in rows if metric not in r]
+  if lacking:
+    raise ValueError(f'metric={metric!r} is not in the rows {lacking}: '
+                     'choose by a metric the grid was evaluated with.')
   for cut in cuts:
     if not 0 < cut < 1:
       raise ValueError(f'cut={cut}: a fraction of the unpruned GFLOPs in '
@@ -98,12 +115,13 @@ def choose(rows: Sequence[Dict[str, Any]], cuts: Sequence[float],
   if not reference:
     raise ValueError('the grid has no unpruned row to measure cuts from.')
   full = reference[0]['gflops_effective']
-  policies = sorted({r['policy'] for r in rows if r['policy'] != 'none'})
+  group = lambda r: r.get('family') or r['policy']
+  policies = sorted({group(r) for r in rows if r['policy'] != 'none'})
   picks = []
   for cut in cuts:
     budget = (1 - cut) * full
     for policy in policies:
-      fits = [r for r in rows if r['policy'] == policy
+      fits = [r for r in rows if group(r) == policy and r['policy'] != 'none'
               and r['gflops_effective'] <= budget]
       best = max(fits, key=lambda r: (r[metric], -r['gflops_effective']),
                  default=None)
@@ -255,12 +273,130 @@ def run(config: ml_collections.ConfigDict, workdir: str, split: str,
   return dict(picks=picks, grid_rows=grid_rows, rows=rows, table=table)
 
 
+def run_classification(config: ml_collections.ConfigDict, workdir: str,
+                       split: str, cuts: Sequence[float],
+                       resamples: int = 10000, seed: int = 0,
+                       level: float = 0.95) -> Dict[str, Any]:
+  """The protocol for a classifier (config.task == 'classification').
+
+  The grid is config.sweep as it is (the in-block reductions are exact in
+  buffer mode, masked == buffer); picks maximise top-1 on `split`; each
+  pick is evaluated once on config.data.split with its per-image hits, and
+  at every cut every pair of picks is compared by a paired image bootstrap
+  (paired.compare_accuracy: resamples, seed, level). Writes
+  WORKDIR/selection/{results,picks,paired}.json and the pick rows of
+  WORKDIR/results.json; returns dict(picks, grid_rows, rows, paired, table).
+  """
+  from lvtp_jax.evaluation import classification  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.evaluation import paired  # pylint: disable=g-import-not-at-top
+  if split == config.data.split:
+    raise ValueError(f'--split={split!r} is the split the picks are reported '
+                     'on (config.data.split): choose on held-out images, e.g. '
+                     "--split=selection for synthetic_objects.")
+  grid = list(config.get('sweep', ()) or ())
+  if not any(g.get('pruning.name', 'none') == 'none' for g in grid):
+    grid = [{'eval.name': 'unpruned'}] + grid
+  quick = {'eval.token_maps': 0, 'eval.timing_rounds': 1,
+           'eval.timing_iters': 2, 'eval.warmup': 1}
+  model, params, prep, weights = classification.load_model(config, workdir)
+  grid_config = ml_collections.ConfigDict(config.to_dict())
+  grid_config.sweep = tuple(dict(g, **quick, **{'data.split': split})
+                            for g in grid)
+  grid_rows, _ = classification.evaluate_sweep(grid_config, model, params,
+                                               prep, weights=weights)
+  for row, setting in zip(grid_rows, grid):
+    row['setting'] = _jsonable(setting)
+  sel_dir = os.path.join(workdir, 'selection')
+  results.write(sel_dir, grid_rows, merge=True)
+  plots.write_figures(sel_dir, grid_rows, None)
+
+  picks = choose(grid_rows, cuts, 'top1')
+  by_name = {g['eval.name']: g for g in grid}
+  chosen = list(dict.fromkeys(p['name'] for p in picks if p['name']))
+  unpruned = {'eval.name': 'unpruned', 'eval.token_maps': 0}
+  pick_config = ml_collections.ConfigDict(config.to_dict())
+  pick_config.sweep = (unpruned,) + tuple(
+      dict({k: v for k, v in by_name[name].items() if k != 'eval.name'},
+           **{'eval.name': pick_name(name), 'eval.token_maps': 0})
+      for name in chosen)
+  rows, extra = classification.evaluate_sweep(
+      pick_config, model, params, prep, weights=weights, per_image=True)
+  hits = extra['correct']
+  for row in rows:
+    chosen_for = [p for p in picks
+                  if p['name'] and row['name'] == pick_name(p['name'])]
+    if chosen_for:
+      row['selection'] = dict(
+          split=split, metric='top1', setting=chosen_for[0]['name'],
+          cuts=[p['cut'] for p in chosen_for], value=chosen_for[0]['value'],
+          gflops_effective=chosen_for[0]['gflops_effective'])
+  merged = results.write(workdir, rows, merge=True)
+  plots.write_figures(workdir, [r for r in merged['rows'] if 'top1' in r],
+                      None)
+  counts = paired.bootstrap_counts(len(hits['unpruned']), resamples, seed)
+  comparisons = []
+  for cut in cuts:
+    at = [p for p in picks if p['cut'] == cut and p['name']]
+    for i, pa in enumerate(at):
+      for pb in at[i + 1:]:
+        a, b = pick_name(pa['name']), pick_name(pb['name'])
+        comparisons.append(dict(
+            cut=cut, a=pa['name'], b=pb['name'], policy_a=pa['policy'],
+            policy_b=pb['policy'], resamples=resamples, seed=seed,
+            level=level, top1=paired.compare_accuracy(hits[a], hits[b],
+                                                      counts, level)))
+  with open(os.path.join(sel_dir, 'picks.json'), 'w') as f:
+    json.dump(dict(split=split, metric='top1', cuts=list(cuts),
+                   picks=picks), f, indent=2)
+  with open(os.path.join(sel_dir, 'paired.json'), 'w') as f:
+    json.dump(comparisons, f, indent=2)
+  table = classification_markdown(picks, rows, comparisons, level)
+  return dict(picks=picks, grid_rows=grid_rows, rows=rows,
+              paired=comparisons, table=table)
+
+
+def classification_markdown(picks, rows, comparisons, level) -> str:
+  """The picks (selection and validation top-1, cut, speed-up) and the
+  paired differences, as Markdown."""
+  val = {r['name']: r for r in rows}
+  full = val['unpruned']['gflops_effective']
+  lines = ['| cut | policy | chosen setting | top-1 (selection) | top-1 (val) '
+           '| eff. GFLOPs (val) | cut (val) | speed-up |', '|' + '---|' * 8]
+  for p in picks:
+    head = f'| {100 * p["cut"]:.0f}% | {p["policy"]} |'
+    if p['name'] is None:
+      lines.append(head + ' none this cheap | - | - | - | - | - |')
+      continue
+    r = val[pick_name(p['name'])]
+    lines.append(
+        f'{head} {p["name"]} | {p["value"]:.2f} | {r["top1"]:.2f} | '
+        f'{r["gflops_effective"]:.4f} | '
+        f'{100 * (1 - r["gflops_effective"] / full):.1f}% | '
+        f'{r.get("speedup", 1.0):.2f}x |')
+  lines += ['', '| cut | A | B | top-1 A | top-1 B | B - A | '
+            f'{100 * level:.0f}% interval | P(B >= A) |', '|' + '---|' * 8]
+  for c in comparisons:
+    m = c['top1']
+    lines.append(f'| {100 * c["cut"]:.0f}% | {c["a"]} | {c["b"]} | '
+                 f'{m["a"]:.2f} | {m["b"]:.2f} | {m["diff"]:+.2f} | '
+                 f'[{m["low"]:+.2f}, {m["high"]:+.2f}] | {m["p_b_ge_a"]:.3f} |')
+  return '\n'.join(lines)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if not f['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  if f.config.get('task', 'segmentation') == 'classification':
+    out = run_classification(f.config, f.workdir, f.split,
+                             [float(c) for c in f.cuts],
+                             resamples=f.resamples, seed=f.seed)
+    print(out['table'])
+    print(f'wrote {f.workdir}/selection/ (results, picks, paired .json) and '
+          f'the pick rows of {f.workdir}/results.json')
+    return
   out = run(f.config, f.workdir, f.split, [float(c) for c in f.cuts],
             f.metric, f.buffer, f.reuse_grid)
   print(out['table'])
@@ -284,6 +420,9 @@ def _define_flags() -> None:
                     '(speed-up)')
   flags.DEFINE_bool('reuse_grid', False, 'reuse the grid rows of an earlier '
                     'run with the same settings and weights (run())')
+  flags.DEFINE_integer('resamples', 10000, 'classification: bootstrap '
+                       'resamples of the paired comparisons')
+  flags.DEFINE_integer('seed', 0, 'classification: bootstrap seed')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 

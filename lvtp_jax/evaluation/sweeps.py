@@ -231,18 +231,32 @@ def settings(config: ml_collections.ConfigDict
   return settings
 
 
+# The official GTP-ViT README's best (sparsity, alpha) per num_prop for
+# DeiT-B (MixedAttnMax, Mixed graph, token scales on), from its
+# hyper-parameter search on ImageNet.
+GTP_README = {1: (0.8, 0.1), 2: (0.7, 0.1), 3: (0.9, 0.4), 4: (1.0, 0.4),
+              5: (0.6, 0.15), 6: (0.6, 0.15), 7: (0.6, 0.1), 8: (0.6, 0.1),
+              9: (0.7, 0.2), 10: (0.5, 0.2), 11: (0.8, 0.3), 12: (0.8, 0.3),
+              13: (0.7, 0.3), 14: (0.8, 0.3)}
+
+
 def classification_policies(keep_rates: Tuple[float, ...] = (
     0.9, 0.8, 0.7, 0.6, 0.5), tome_rs: Tuple[int, ...] = (1, 2, 3, 4),
                             random_rates: Tuple[float, ...] = (0.9, 0.7, 0.5),
                             bat_rates: Tuple[float, ...] = (0.9, 0.7, 0.5),
+                            gtp_props: Tuple[int, ...] = (1, 2, 3, 4),
                             maps: Tuple[str, ...] = ('random0.7', 'evit0.7',
-                                                     'tome_r3', 'bat0.7')
+                                                     'tome_r3', 'bat0.7',
+                                                     'gtp_P3')
                             ) -> Sweep:
   """In-block reductions off the shelf, buffer mode, one row each: the
   unpruned model, the random baseline at EViT's token counts
-  (random_drop), EViT at each keep rate, ToMe at each r and BAT at each
-  keep rate. The settings named in `maps` also draw their token maps
-  (eval.token_maps images)."""
+  (random_drop), EViT at each keep rate, ToMe at each r, BAT at each keep
+  rate, GTP at each num_prop with its defaults (gtp_P<r>) and with the
+  official README's recommended settings for that num_prop where it has
+  them (gtp_readme_P<r>, family 'gtp (README)': token scales on, the
+  README's sparsity and alpha; GTP_README). The settings named in `maps`
+  also draw their token maps (eval.token_maps images)."""
   buffer = {'pruning.mode': 'buffer'}
   rows = [{'eval.name': 'none'}]
   rows += [dict(buffer, **{'eval.name': f'random{rate:g}',
@@ -258,6 +272,16 @@ def classification_policies(keep_rates: Tuple[float, ...] = (
   rows += [dict(buffer, **{'eval.name': f'bat{rate:g}', 'pruning.name': 'bat',
                            'pruning.bat.keep_rate': rate})
            for rate in bat_rates]
+  rows += [dict(buffer, **{'eval.name': f'gtp_P{r}', 'pruning.name': 'gtp',
+                           'pruning.gtp.num_prop': r})
+           for r in gtp_props]
+  rows += [dict(buffer, **{
+      'eval.name': f'gtp_readme_P{r}', 'eval.family': 'gtp (README)',
+      'pruning.name': 'gtp', 'pruning.gtp.num_prop': r,
+      'pruning.gtp.token_scale': True,
+      'pruning.gtp.sparsity': GTP_README[r][0],
+      'pruning.gtp.alpha': GTP_README[r][1]})
+           for r in gtp_props if r in GTP_README]
   return tuple(dict(row, **({} if row['eval.name'] in maps else
                             {'eval.token_maps': 0})) for row in rows)
 
