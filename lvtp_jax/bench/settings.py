@@ -44,6 +44,11 @@ CLASSIFICATION = (
     Setting('bat', dict(name='bat', mode='buffer', bat=dict(keep_rate=0.7)),
             'BAT README headline: keep rate 0.7 at blocks 4, 7, 10 (DeiT-S '
             '3.0 GMACs); spec §4.2 reconstruction, c = r = ceil(0.25 M)'),
+    Setting('gtp', dict(name='gtp', mode='buffer', gtp=dict(
+        num_prop=8, graph_type='Spatial')),
+            'GTP paper headline point: P = 8 propagated per block, '
+            'MixedAttnMax, the README command\'s Spatial graph (DeiT-S 3.4 '
+            'GMACs; Spatial also runs on the --tiny suite\'s 4 patches)'),
 )
 
 TORCH_ROWS = (
