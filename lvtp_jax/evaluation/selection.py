@@ -139,22 +139,24 @@ def pick_name(grid_name: str) -> str:
 
 
 def pick_overrides(grid: Sequence[Dict[str, Any]],
-                   picks: Sequence[Dict[str, Any]],
-                   buffer: bool) -> Tuple[Dict[str, Any], ...]:
+                   picks: Sequence[Dict[str, Any]], buffer: bool,
+                   no_maps: Dict[str, Any] = None
+                   ) -> Tuple[Dict[str, Any], ...]:
   """The evaluation settings of the picks (module docstring, step 3): each
   chosen grid setting once (several cuts may choose the same one), as it
-  was but on the config's own split."""
+  was but on the config's own split, drawing no maps (`no_maps`: the
+  config's override for that, segmentation's by default)."""
+  no_maps = {'eval.exit_maps': 0} if no_maps is None else no_maps
   by_name = {g['eval.name']: g for g in grid}
   chosen = list(dict.fromkeys(p['name'] for p in picks if p['name']))
   out = []
   for name in chosen:
     setting = {k: v for k, v in by_name[name].items()
                if k not in _GRID_EVAL and k not in ('data.split', 'eval.name')}
-    out.append(dict(setting, **{'eval.exit_maps': 0,
-                                'eval.name': pick_name(name)}))
+    out.append(dict(setting, **no_maps, **{'eval.name': pick_name(name)}))
     if buffer:
-      out.append(dict(setting, **sweeps.BUFFER, **{
-          'eval.exit_maps': 0, 'eval.name': f'{pick_name(name)}/buffer'}))
+      out.append(dict(setting, **sweeps.BUFFER, **no_maps, **{
+          'eval.name': f'{pick_name(name)}/buffer'}))
   return tuple(out)
 
 
@@ -311,14 +313,10 @@ def run_classification(config: ml_collections.ConfigDict, workdir: str,
   plots.write_figures(sel_dir, grid_rows, None)
 
   picks = choose(grid_rows, cuts, 'top1')
-  by_name = {g['eval.name']: g for g in grid}
-  chosen = list(dict.fromkeys(p['name'] for p in picks if p['name']))
-  unpruned = {'eval.name': 'unpruned', 'eval.token_maps': 0}
+  no_maps = {'eval.token_maps': 0}
   pick_config = ml_collections.ConfigDict(config.to_dict())
-  pick_config.sweep = (unpruned,) + tuple(
-      dict({k: v for k, v in by_name[name].items() if k != 'eval.name'},
-           **{'eval.name': pick_name(name), 'eval.token_maps': 0})
-      for name in chosen)
+  pick_config.sweep = ((dict(no_maps, **{'eval.name': 'unpruned'}),)
+                       + pick_overrides(grid, picks, False, no_maps))
   rows, extra = classification.evaluate_sweep(
       pick_config, model, params, prep, weights=weights, per_image=True)
   hits = extra['correct']

@@ -241,10 +241,10 @@ GTP_README = {1: (0.8, 0.1), 2: (0.7, 0.1), 3: (0.9, 0.4), 4: (1.0, 0.4),
 
 
 def classification_policies(keep_rates: Tuple[float, ...] = (
-    0.9, 0.8, 0.7, 0.6, 0.5), tome_rs: Tuple[int, ...] = (1, 2, 3, 4),
+    0.9, 0.8, 0.7, 0.6, 0.5), tome_rs: Tuple[int, ...] = (1, 2, 3, 4, 5),
                             random_rates: Tuple[float, ...] = (0.9, 0.7, 0.5),
                             bat_rates: Tuple[float, ...] = (0.9, 0.7, 0.5),
-                            gtp_props: Tuple[int, ...] = (1, 2, 3, 4),
+                            gtp_props: Tuple[int, ...] = (1, 2, 3, 4, 5),
                             maps: Tuple[str, ...] = ('random0.7', 'evit0.7',
                                                      'tome_r3', 'bat0.7',
                                                      'gtp_P3')
@@ -257,31 +257,24 @@ def classification_policies(keep_rates: Tuple[float, ...] = (
   them (gtp_readme_P<r>, family 'gtp (README)': token scales on, the
   README's sparsity and alpha; GTP_README). The settings named in `maps`
   also draw their token maps (eval.token_maps images)."""
-  buffer = {'pruning.mode': 'buffer'}
+  def one(name, policy, field, value, **more):
+    return {'eval.name': name, 'pruning.mode': 'buffer',
+            'pruning.name': policy, f'pruning.{policy}.{field}': value,
+            **more}
+
   rows = [{'eval.name': 'none'}]
-  rows += [dict(buffer, **{'eval.name': f'random{rate:g}',
-                           'pruning.name': 'random_drop',
-                           'pruning.random_drop.keep_rate': rate})
-           for rate in random_rates]
-  rows += [dict(buffer, **{'eval.name': f'evit{rate:g}', 'pruning.name': 'evit',
-                           'pruning.evit.keep_rate': rate})
-           for rate in keep_rates]
-  rows += [dict(buffer, **{'eval.name': f'tome_r{r}', 'pruning.name': 'tome',
-                           'pruning.tome.r': r})
-           for r in tome_rs]
-  rows += [dict(buffer, **{'eval.name': f'bat{rate:g}', 'pruning.name': 'bat',
-                           'pruning.bat.keep_rate': rate})
-           for rate in bat_rates]
-  rows += [dict(buffer, **{'eval.name': f'gtp_P{r}', 'pruning.name': 'gtp',
-                           'pruning.gtp.num_prop': r})
-           for r in gtp_props]
-  rows += [dict(buffer, **{
-      'eval.name': f'gtp_readme_P{r}', 'eval.family': 'gtp (README)',
-      'pruning.name': 'gtp', 'pruning.gtp.num_prop': r,
-      'pruning.gtp.token_scale': True,
-      'pruning.gtp.sparsity': GTP_README[r][0],
-      'pruning.gtp.alpha': GTP_README[r][1]})
-           for r in gtp_props if r in GTP_README]
+  rows += [one(f'random{v:g}', 'random_drop', 'keep_rate', v)
+           for v in random_rates]
+  rows += [one(f'evit{v:g}', 'evit', 'keep_rate', v) for v in keep_rates]
+  rows += [one(f'tome_r{v}', 'tome', 'r', v) for v in tome_rs]
+  rows += [one(f'bat{v:g}', 'bat', 'keep_rate', v) for v in bat_rates]
+  rows += [one(f'gtp_P{v}', 'gtp', 'num_prop', v) for v in gtp_props]
+  rows += [one(f'gtp_readme_P{v}', 'gtp', 'num_prop', v,
+               **{'eval.family': 'gtp (README)',
+                  'pruning.gtp.token_scale': True,
+                  'pruning.gtp.sparsity': GTP_README[v][0],
+                  'pruning.gtp.alpha': GTP_README[v][1]})
+           for v in gtp_props if v in GTP_README]
   return tuple(dict(row, **({} if row['eval.name'] in maps else
                             {'eval.token_maps': 0})) for row in rows)
 

@@ -209,8 +209,7 @@ def propagate(state: ts.TokenState, score: jax.Array, num_kept: int,
   order = jnp.argsort(-jax.lax.stop_gradient(score), axis=1,
                       stable=True).astype(jnp.int32)
   kept, prop = order[:, :num_kept], order[:, num_kept:]
-  rows = lambda a, idx: jnp.take_along_axis(
-      a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+  rows = ts.take_rows
   cols = lambda a, idx: jnp.take_along_axis(a, idx[:, None, :], axis=2)
   graph = rows(state.carry, kept)                            # [B, nk, n-1]
   weight = cols(graph, prop)                                 # [B, nk, r]

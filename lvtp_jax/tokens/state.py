@@ -63,7 +63,7 @@ def init_state(x: jax.Array, num_prefix: int) -> TokenState:
       src=src)
 
 
-def _take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
+def take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
   """a: [B, K, ...], idx: [B, M] -> [B, M, ...]."""
   idx = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
   return jnp.take_along_axis(a, idx, axis=1)
@@ -105,7 +105,7 @@ def gather(state: TokenState, idx: jax.Array,
   idx = idx.astype(jnp.int32)
   if idx_valid is None:
     idx_valid = jnp.ones(idx.shape, bool)
-  valid = _take_rows(state.valid, idx) & idx_valid
+  valid = take_rows(state.valid, idx) & idx_valid
   # Inverse map old slot -> new slot. Entries that are not valid are sent to
   # a dummy column K so they cannot overwrite a real one.
   target = jnp.where(valid, idx, k)
@@ -120,9 +120,9 @@ def _moved(state: TokenState, idx: jax.Array, valid: jax.Array,
   """The buffer of slots `idx` [B, M] of `state`, given the new slots'
   validity [B, M] and the old -> new slot map [B, K] (-1: not moved)."""
   return TokenState(
-      x=_take_rows(state.x, idx),
+      x=take_rows(state.x, idx),
       valid=valid,
-      size=jnp.where(valid, _take_rows(state.size, idx), 0.0),
+      size=jnp.where(valid, take_rows(state.size, idx), 0.0),
       src=remap_src(state.src, old_to_new), carry=state.carry)
 
 
@@ -244,6 +244,6 @@ def patch_values(values: jax.Array, src: jax.Array,
   Returns:
     [B, N, ...] the row of the slot that represents each patch.
   """
-  out = _take_rows(values, jnp.maximum(src, 0))
+  out = take_rows(values, jnp.maximum(src, 0))
   mask = (src >= 0).reshape(src.shape + (1,) * (values.ndim - 2))
   return jnp.where(mask, out, fill)
