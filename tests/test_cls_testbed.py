@@ -244,3 +244,23 @@ def test_diagnostic_rows_stay_off_the_plots(tmp_path, monkeypatch):
                gflops_effective=0.3, in_plots=False)]
   plots.write_figures(str(tmp_path), rows, None)
   assert seen == [['none', 'evit0.7']]
+
+
+def test_one_plot_from_a_base_run_and_its_fine_tunes(tmp_path):
+  base = [dict(name='none', policy='none', top1=50.0, gflops_effective=1.0),
+          dict(name='evit0.7', policy='evit', top1=49.0,
+               gflops_effective=0.7),
+          dict(name='pick/evit0.7', policy='evit', top1=49.0,
+               gflops_effective=0.7)]
+  tuned = [dict(name='evit0.7_ft', policy='evit', top1=49.6,
+                gflops_effective=0.7, family='evit (fine-tuned)'),
+           dict(name='none', policy='none', top1=50.2, gflops_effective=1.0)]
+  paths = []
+  for i, rows in enumerate((base, tuned)):
+    paths.append(str(tmp_path / f'{i}.json'))
+    with open(paths[-1], 'w') as f:
+      json.dump(dict(rows=rows), f)
+  merged = plots.merged_rows(paths)
+  assert [r['name'] for r in merged] == ['none', 'evit0.7', 'evit0.7_ft']
+  assert plots.main(paths + ['--out', str(tmp_path / 'out')]) == 0
+  assert os.path.getsize(tmp_path / 'out' / 'pareto_top1.png') > 1000

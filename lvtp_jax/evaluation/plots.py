@@ -8,9 +8,22 @@
   exit_maps.png             for the first images: the image, its label, and
                             per pruned setting the stage each patch left at
 Written by eval.py (and train.py's final evaluation) next to results.json.
+
+One Pareto plot from several runs (a base model and its fine-tunes):
+
+  python -m lvtp_jax.evaluation.plots --out docs/ \
+      runs/quickstart_cls/results.json runs/quickstart_cls_evit0.7/results.json
+
+merges the rows of every results.json (the unpruned row of the first file
+only; the 'pick/...' rows of lvtp_jax.evaluation.selection left out, they
+repeat sweep rows) and writes the Pareto plots to --out; rows with a
+`family` (e.g. 'evit (fine-tuned)') are grouped and drawn by it.
 """
 
+import argparse
+import json
 import os
+import sys
 from typing import Any, Dict, List, Tuple
 
 import matplotlib
@@ -229,3 +242,32 @@ def write_figures(workdir: str, rows: List[Dict[str, Any]],
   if visuals and visuals.get('token_maps'):
     out.append(token_maps(visuals, os.path.join(workdir, 'token_maps.png')))
   return [p for p in out if p]
+
+
+def merged_rows(paths: List[str]) -> List[Dict[str, Any]]:
+  """The rows of several results.json for one plot (module docstring)."""
+  rows = []
+  for i, path in enumerate(paths):
+    with open(path) as f:
+      rows += [r for r in json.load(f)['rows']
+               if not r['name'].startswith('pick/')
+               and (i == 0 or r['policy'] != 'none')]
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m lvtp_jax.evaluation.plots',
+                                   description='One Pareto plot of several '
+                                   'runs\' results.json.')
+  parser.add_argument('results', nargs='+', help='results.json files; the '
+                      'unpruned row comes from the first')
+  parser.add_argument('--out', required=True, help='folder for the plots')
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  for path in write_figures(args.out, merged_rows(args.results), None):
+    print(f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
