@@ -48,9 +48,8 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict()
   config.model.init_from = ''          # converted directory (lvtp_jax.convert)
-  config.model.timm_name = arg.model   # architecture when random_init is used
-  config.model.random_init = False     # random weights (smoke tests, speed)
-  config.model.num_classes = 1000      # head size with random_init
+  config.model.timm_name = arg.model   # architecture of eval.random_weights
+  config.model.num_classes = 1000      # head size with eval.random_weights
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'
 
   config.pruning = pruning.config_defaults()   # name 'none': unpruned
@@ -71,6 +70,8 @@ def get_config(arg=None):
   config.eval.token_maps = 0           # images whose token maps are drawn
   config.eval.in_plots = True          # False: the row stays off the plots
   config.eval.family = ''              # plot/selection group ('' = policy)
+  config.eval.random_weights = False   # score random weights (smoke tests,
+                                       # speed) when init_from is empty
 
   # Evaluation settings, one results row each (dotted overrides of this
   # config); () = one row for the config as it is.

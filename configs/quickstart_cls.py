@@ -120,6 +120,8 @@ def get_config(arg=None):
   config.eval.token_maps = 6           # images whose token maps are drawn
   config.eval.in_plots = True          # False: the row stays off the plots
   config.eval.family = ''              # plot/selection group ('' = policy)
+  config.eval.random_weights = False   # score random weights when there is
+                                       # no checkpoint (never implied)
 
   config.sweep = SWEEPS[arg.sweep]()
 

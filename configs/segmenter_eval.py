@@ -30,8 +30,8 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict()
   config.model.init_from = ''            # converted Segmenter directory
-  config.model.random_init = False       # random weights (smoke tests, speed)
-  # Architecture used with random_init (a converted model brings its own).
+  # Architecture scored by --config.eval.random_weights=True (a converted
+  # model brings its own).
   config.model.variant = 'Ti/16'
   config.model.num_classes = 150
   config.model.img_size = 512

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import eval as eval_main
 from lvtp_jax import pruning
 from lvtp_jax.data import synthetic_objects as so
 from lvtp_jax.evaluation import plots
@@ -181,11 +180,8 @@ def test_runlocal_trains_sweeps_and_fine_tunes(tmp_path):
   assert any('eval_top1' in l for l in lines)
   assert all(np.isfinite(l['loss']) for l in lines if 'loss' in l)
 
-  # eval.py on the workdir scores its checkpoint, not fresh weights.
-  again = eval_main.run(_config('runlocal'), base)
-  row = [r for r in again['rows'] if r['name'] == 'none'][-1]
-  assert row['top1'] == rows['none']['top1']
-  assert row['weights'].endswith('/checkpoints/4')
+  # (eval.py on a workdir scores its newest intact checkpoint:
+  # tests/test_faults.py.)
 
   # The held-out selection protocol: picks on 'selection', reported once on
   # validation with paired intervals.

@@ -66,13 +66,18 @@ def test_config_loads_and_names_known_components(path):
     mod.get_config('no_such_arg=1')
 
 
+@pytest.mark.parametrize('name', ['quickstart.py', 'benchmark_seg.py'])
 @pytest.mark.parametrize('sweep', ['policies', 'lvtp_ablation', 'selection'])
-def test_quickstart_sweeps_are_valid_settings(sweep):
-  mod = _load(os.path.join(REPO, 'configs', 'quickstart.py'))
+def test_quickstart_sweeps_are_valid_settings(name, sweep):
+  mod = _load(os.path.join(REPO, 'configs', name))
   for arg in (f'sweep={sweep}', f'sweep={sweep},runlocal'):
     config = mod.get_config(arg)
     model = seg_lib.Segmenter(**model_init._random_init_kwargs(  # pylint: disable=protected-access
         config.model), aux_layers=tuple(config.model.aux_layers))
+    if name == 'benchmark_seg.py' and 'runlocal' not in arg:
+      # The test bed of issue 21: 12 blocks, 256 patch tokens, two heads.
+      assert (model.depth, (model.img_size // model.patch_size) ** 2,
+              model.aux_layers) == (12, 256, (6, 8))
     settings = segmentation.sweep_settings(config)
     names = [s.eval.name for s in settings]
     assert len(set(names)) == len(names) > 0

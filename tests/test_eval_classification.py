@@ -126,7 +126,7 @@ def test_cli_overrides_reach_the_config_and_errors_are_clear(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
   cmd = [sys.executable, os.path.join(REPO, 'eval.py'),
          f'--config={CONFIG}:model={MODEL},runlocal',
-         f'--workdir={tmp_path}', '--config.model.random_init=True',
+         f'--workdir={tmp_path}', '--config.eval.random_weights=True',
          f'--config.data.data_dir={tmp_path / "tfds"}']
   res = subprocess.run(cmd, capture_output=True, text=True, env=env,
                        timeout=300, check=False)

@@ -36,7 +36,7 @@ def _config(data_dir, **eval_overrides):
   config.data.data_dir = data_dir
   config.data.num_examples = NUM
   config.data.batch_size = 4          # 6 images: the last batch is padded
-  config.model.random_init = True
+  config.eval.random_weights = True
   config.model.variant = 'Ti/16'
   config.model.decoder = 'linear'
   config.eval.progress = False

@@ -255,10 +255,16 @@ def test_eval_py_evaluates_the_latest_training_checkpoint(quickstart_run,
   bad.sweep = ({'eval.sise': 96},)
   with pytest.raises(ValueError, match=r"sweep\[0\] sets 'eval.sise'"):
     eval_main.run(bad, workdir)
+  # The training config asks for random init; evaluation still refuses to
+  # score weights nobody trained, naming the workdir (issue 22).
   empty = _config(data_dir)
-  empty.model.random_init = False
-  with pytest.raises(ValueError, match='nothing to evaluate'):
+  assert empty.model.random_init
+  with pytest.raises(ValueError, match='nothing to evaluate: .*holds no '
+                     'training checkpoint.*eval.random_weights=True'):
     eval_main.run(empty, str(tmp_path))
+  with pytest.raises(ValueError, match=r'--workdir \S*typo does not exist'):
+    eval_main.run(empty, str(tmp_path / 'typo'))
+  assert not (tmp_path / 'typo').exists()
 
 
 # DToP settings where nothing exits, and where every patch exits at the
@@ -332,6 +338,15 @@ def test_init_from_a_training_workdir(quickstart_run, data_dir):
   assert initialised == [] and prep == trained_prep
   assert model.drop_path_rate == 0.1 and model.width == 32
   jax.tree.map(np.testing.assert_array_equal, params, trained)
+  # A source of another shape is refused rather than silently replacing
+  # the config's (config.json would describe another model).
+  config.model.width, config.model.depth = 48, 3
+  with pytest.raises(ValueError, match=r'(?s)model.depth: 3 in the config, '
+                     r'2 in .*model.width: 48 in the config, 32 in'):
+    model_init.build(config.model, seed=7)
+  config.model.update(dict(variant='', width=0, depth=0, num_heads=0,
+                           mlp_dim=0, patch_size=0))
+  assert model_init.build(config.model, seed=7)[0].width == 32
 
 
 def test_segmenter_train_runlocal_with_aux_heads(data_dir, tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 
 from lvtp_jax.bench import profile
 from lvtp_jax.bench import timm_compare
+from lvtp_jax.convert import timm as timm_convert
 
 
 def main(argv=None) -> int:
@@ -39,6 +40,19 @@ def main(argv=None) -> int:
                       help='also print the time per operation of both sides')
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args(argv)
+  for name in ('batch', 'img_size', 'iters', 'rounds'):
+    if getattr(args, name) <= 0:
+      parser.error(f'--{name.replace("_", "-")} {getattr(args, name)} must be '
+                   '> 0.')
+  if args.warmup < 0:
+    parser.error(f'--warmup {args.warmup} must be >= 0.')
+  try:   # names the unsupported architecture before timm fails deep inside
+    patch = timm_convert.model_config(args.model)['model']['patch_size']
+  except ValueError as e:
+    parser.error(f'--model {args.model}: {e}')
+  if args.img_size % patch:
+    parser.error(f'--img-size {args.img_size} is not a multiple of the patch '
+                 f'size {patch} of {args.model}.')
   res = timm_compare.run(args.model, args.batch, args.img_size, args.warmup,
                          args.iters, args.rounds)
   print(f'{res["model"]}  batch {res["batch"]}  {res["img_size"]}px  on '

@@ -64,6 +64,10 @@ def main(argv=None) -> int:
                  help='replace an existing converted directory')
   s.set_defaults(fn=_segmenter)
   args = parser.parse_args(argv)
+  if getattr(args, 'img_size', None) is not None and args.img_size <= 0:
+    parser.error(f'--img-size {args.img_size}: give a positive input side '
+                 '(a multiple of the patch size), or leave it out for the '
+                 "model's own.")
   args.fn(args)
   return 0
 

@@ -24,7 +24,18 @@ def _to_numpy(tree: Any) -> Any:
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return dict(load_file(path))
+  if os.path.getsize(path) == 0:
+    raise ValueError(f'{path} is empty (0 bytes): the download or copy did '
+                     'not finish; fetch the file again.')
+  try:
+    return dict(load_file(path))
+  except Exception as e:  # pylint: disable=broad-except
+    # SafetensorError and friends name neither the file nor a fix.
+    raise ValueError(
+        f'{path} is not a readable .safetensors file ({e}). It is truncated, '
+        'damaged or in another format: fetch it again and compare its size '
+        'and checksum with the source; a torch checkpoint must end in .pth, '
+        '.pt or .bin.') from None
 
 
 def read_torch(path: str) -> Dict[str, Any]:
@@ -35,9 +46,26 @@ def read_torch(path: str) -> Dict[str, Any]:
     raise ImportError(
         f'reading {path} needs torch (pip install -r requirements-parity.txt), '
         'or convert the checkpoint to .safetensors first.') from None
+  import pickle  # pylint: disable=g-import-not-at-top
   # weights_only=False would execute arbitrary pickled code; checkpoints that
   # hold more than tensors and plain containers are rejected by torch here.
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    if 'weights_only' not in str(e).lower().replace(' ', '_'):
+      raise ValueError(f'{path} is not a readable torch checkpoint: '
+                       f'{str(e).splitlines()[0]}') from None
+    raise ValueError(
+        f'{path} holds pickled Python objects (for example a whole nn.Module '
+        'from torch.save(model)), not a state dict; lvtp_jax reads tensors '
+        'only and never runs pickled code. Save the weights with '
+        'torch.save(model.state_dict(), PATH) and convert that file.'
+    ) from None
+  except (RuntimeError, OSError, EOFError) as e:
+    raise ValueError(
+        f'{path} is not a readable torch checkpoint ({type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}): it is truncated or '
+        'damaged; fetch it again.') from None
   return _to_numpy(obj)
 
 

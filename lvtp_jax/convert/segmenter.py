@@ -31,7 +31,12 @@ def read_variant(path: str) -> Dict[str, Any]:
   """Reads a Segmenter `variant.yml`."""
   import yaml  # pylint: disable=g-import-not-at-top
   with open(path) as f:
-    return yaml.safe_load(f)
+    variant = yaml.safe_load(f)
+  if not isinstance(variant, dict):
+    raise ValueError(f'{path} is not a Segmenter variant.yml (it holds '
+                     f'{type(variant).__name__}); pass the variant.yml that '
+                     'was released beside the checkpoint.')
+  return variant
 
 
 def _net_kwargs(variant: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -108,6 +113,15 @@ def from_segmenter(state_dict: Mapping[str, Any], *,
     at the input resolution, as the official forward.
   """
   sd = timm_convert.unwrap_state_dict(state_dict)
+  if not any(k.startswith(('encoder.', 'decoder.')) for k in sd):
+    kind = ('a timm ViT / DeiT classifier' if 'patch_embed.proj.weight' in sd
+            else 'not a Segmenter checkpoint')
+    raise ValueError(
+        f'the state dict has no encoder.* / decoder.* keys (first keys: '
+        f'{sorted(sd)[:3]}): it is {kind}. An official Segmenter checkpoint '
+        'holds both; a classifier is converted with python -m '
+        'lvtp_jax.convert timm --model NAME ..., and a Segmenter is trained '
+        'from it with config.model.init_from (configs/segmenter_train.py).')
   sd = {k: v for k, v in sd.items() if not _UNUSED_ENCODER_KEYS.match(k)}
   model = seg_lib.Segmenter(**model_fields(variant, decoder_depth_from_keys(sd)))
   grid = (model.img_size // model.patch_size,) * 2

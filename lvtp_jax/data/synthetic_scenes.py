@@ -10,6 +10,8 @@ Configs (image size 128, i.e. an 8x8 token grid with 16x16 patches):
 
 * 'default': 4000 train / 500 validation / 500 selection images,
   difficulty 1.0.
+* 'hard': 6000 train / 500 validation / 500 selection images, difficulty
+  2.5 (the segmentation test bed, configs/benchmark_seg.py).
 * 'tiny': 32 train / 16 validation / 8 selection images, for tests.
 
 The 'selection' split is held out from training and from the reported
@@ -82,6 +84,13 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
           description=('4000 train / 500 validation / 500 selection, '
                        '128x128, difficulty 1.')),
       SyntheticScenesConfig(
+          name='hard', num_train=6000, num_validation=500,
+          num_selection=500, difficulty=2.5,
+          description=('6000 train / 500 validation / 500 selection, '
+                       '128x128, difficulty 2.5: more small and thin '
+                       'things, noise, blur and colour overlap '
+                       '(configs/benchmark_seg.py).')),
+      SyntheticScenesConfig(
           name='tiny', num_train=32, num_validation=16, num_selection=8,
           description=('32 train / 16 validation / 8 selection, 128x128, '
                        'for tests.')),
@@ -133,7 +142,7 @@ def prepare(data_dir: Optional[str], config: str = 'default') -> None:
 
   Args:
     data_dir: TFDS data directory (None: TFDS's default, ~/tensorflow_datasets).
-    config: 'default' or 'tiny'.
+    config: 'default', 'hard' or 'tiny'.
   """
   builder = SyntheticScenes(config=config, data_dir=data_dir,
                             file_format='array_record')

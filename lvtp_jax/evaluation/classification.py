@@ -36,23 +36,25 @@ def load_model(config: ml_collections.ConfigDict,
   In order: the latest training checkpoint in `workdir` (a train.py run of
   this config), config.model.init_from (a converted directory, python -m
   lvtp_jax.convert, or a train.py workdir), or, with
-  config.model.random_init=True, random weights of the architecture
-  (`timm_name`, or the test bed's width/depth/... fields). `weights` says
-  which, for the results row.
+  config.eval.random_weights=True (only then), random weights of the
+  architecture (`timm_name`, or the test bed's width/depth/... fields).
+  `weights` says which, for the results row; it is also printed. Damaged
+  checkpoint steps are set aside (checkpoint.load_latest).
   """
   cfg = config.model
-  step = checkpoint.latest_step(workdir) if workdir else None
-  if step is not None:
-    model, params, prep = checkpoint.load_for_eval(workdir, config, step)
+  found = checkpoint.load_latest(workdir, config) if workdir else None
+  if found is not None:
+    model, params, prep, step = found
+    print(f'weights: {workdir}/checkpoints/{step}', flush=True)
     return model, params, prep, f'{workdir}/checkpoints/{step}'
   if cfg.init_from:
+    print(f'weights: {cfg.init_from}', flush=True)
     return (*checkpoint.load_weights(cfg.init_from), cfg.init_from)
-  if not cfg.random_init:
-    raise ValueError(
-        'config.model.init_from is empty: point it at a converted checkpoint '
-        '(python -m lvtp_jax.convert timm --model NAME --checkpoint FILE '
-        '--out DIR, then --config.model.init_from=DIR), or set '
-        '--config.model.random_init=True for random weights.')
+  if not checkpoint.random_weights_requested(config):
+    raise checkpoint.nothing_to_evaluate(
+        workdir, 'a converted checkpoint (python -m lvtp_jax.convert timm '
+        '--model NAME --checkpoint FILE --out DIR)')
+  print('weights: random_init (config.eval.random_weights)', flush=True)
   if cfg.get('timm_name'):
     arch = timm_convert.model_config(cfg.timm_name)
     model = vit_lib.ViT(num_classes=cfg.num_classes, **arch['model'])

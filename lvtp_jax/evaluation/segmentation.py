@@ -99,8 +99,11 @@ def build_model(config: ml_collections.ConfigDict, workdir: Optional[str] = None
        train.py with this config: eval.py evaluates what training produced);
     2. config.model.init_from, a converted Segmenter (python -m
        lvtp_jax.convert segmenter ...) or a training workdir;
-    3. random weights, when config.model.random_init is set (smoke tests,
-       speed); otherwise a ValueError says what to provide.
+    3. random weights, only when config.eval.random_weights is set (smoke
+       tests, speed; a training config's model.random_init does not count);
+       otherwise a ValueError names the workdir and what to provide.
+  Damaged checkpoint steps are set aside and the newest intact one is used
+  (checkpoint.load_latest). Prints which weights it loaded.
   The model computes in config.model.dtype (lvtp_jax.models.DTYPES).
 
   Returns:
@@ -109,27 +112,30 @@ def build_model(config: ml_collections.ConfigDict, workdir: Optional[str] = None
   """
   cfg = config.model
   dtype = cfg.get('dtype', 'float32')
-  step = checkpoint.latest_step(workdir) if workdir else None
-  if step is not None:
-    model, params, prep = checkpoint.load_for_eval(workdir, config, step)
-    return (models.with_dtype(model, dtype), params, prep,
-            f'{workdir}/checkpoints/{step}')
-  if not cfg.init_from and not cfg.random_init:
-    raise ValueError(
-        f'nothing to evaluate: {workdir or "the workdir"} holds no training '
-        'checkpoint and config.model.init_from is empty. Train first (python '
-        'train.py with the same --config and --workdir), point '
-        '--config.model.init_from at a converted Segmenter (python -m '
-        'lvtp_jax.convert segmenter --checkpoint checkpoint.pth --variant '
-        'variant.yml --out DIR), or set --config.model.random_init=True.')
-  model, params, prep, initialised = model_init.build(cfg, config.seed)
+  found = checkpoint.load_latest(workdir, config) if workdir else None
+  if found is not None:
+    model, params, prep, step = found
+    source = f'{workdir}/checkpoints/{step}'
+    print(f'weights: {source}', flush=True)
+    return models.with_dtype(model, dtype), params, prep, source
+  if not cfg.init_from:
+    if not checkpoint.random_weights_requested(config):
+      raise checkpoint.nothing_to_evaluate(
+          workdir, 'a converted Segmenter (python -m lvtp_jax.convert '
+          'segmenter --checkpoint checkpoint.pth --variant variant.yml --out '
+          'DIR)')
+    cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), random_init=True))
+  model, params, prep, initialised = model_init.build(cfg, config.seed,
+                                                      strict_shape=False)
   if initialised:
     raise ValueError(
         f'{cfg.init_from} lacks parameters the configured model needs: '
         f'{initialised[:4]}{"..." if len(initialised) > 4 else ""}. '
         'Evaluating untrained heads is meaningless: train them first, or set '
         'config.model.aux_layers=() for the converted model as it is.')
-  return model, params, prep, cfg.init_from or 'random_init'
+  source = cfg.init_from or 'random_init'
+  print(f'weights: {source}', flush=True)
+  return model, params, prep, source
 
 
 # Kept under its old name: callers script against it.
@@ -347,5 +353,7 @@ def config_defaults() -> ml_collections.ConfigDict:
       warmup=2,           # untimed calls before timing
       timing_iters=5,     # calls per timing round
       timing_rounds=3,    # rounds; the median is reported
+      random_weights=False,  # score random weights when there is no
+                             # checkpoint (smoke tests, speed); never implied
   ))
 

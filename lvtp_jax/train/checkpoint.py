@@ -19,9 +19,12 @@ the resume point on. Set config.train.overwrite=True (train.py --restart) to
 delete the old checkpoints and start over.
 """
 
+import contextlib
+import gc
 import json
 import os
 import shutil
+import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -141,7 +144,12 @@ class Checkpointer:
 def restore_or_init(workdir: str, config: ml_collections.ConfigDict,
                     init_fn: Callable[[], Dict[str, Any]]
                     ) -> Tuple[Dict[str, Any], int, Checkpointer]:
-  """Resumes from the latest checkpoint of workdir, or starts a new run.
+  """Resumes from the newest intact checkpoint of workdir, or starts a run.
+
+  A step that cannot be read (emptied or truncated files, deleted
+  manifests, shapes or dtypes the state does not have) is reported with
+  its reason, moved aside to WORKDIR/checkpoints_damaged/ (never deleted)
+  and the next older step is tried. Prints the step it resumed from.
 
   Args:
     workdir: the run directory.
@@ -156,6 +164,7 @@ def restore_or_init(workdir: str, config: ml_collections.ConfigDict,
 
   Raises:
     ValueError: the workdir holds a checkpoint of a different config.
+    CheckpointError: every step in the workdir is damaged.
   """
   tcfg = config.train
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
@@ -163,23 +172,114 @@ def restore_or_init(workdir: str, config: ml_collections.ConfigDict,
     shutil.rmtree(directory)
   ckpt = Checkpointer(workdir, save_every=tcfg.checkpoint_every,
                       max_to_keep=tcfg.max_to_keep)
-  step = ckpt.latest_step()
   state = init_fn()
-  if step is None:
-    return state, 0, ckpt
-  diffs = config_differences(ckpt.read_meta(step)['config'], config)
-  if diffs:
-    ckpt.close()
-    raise ValueError(
-        f'{directory} holds a checkpoint (step {step}) of a different config; '
-        'differing fields:\n  ' + '\n  '.join(diffs) +
-        '\nUse another --workdir, or pass --restart '
-        '(config.train.overwrite=True) to delete it and start over.')
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       state)
-  state, meta = ckpt.restore(step, abstract)
-  return state, int(meta['data_position']), ckpt
+  tried = []
+  for step in sorted(ckpt.manager.all_steps(), reverse=True):
+    try:
+      stored = ckpt.read_meta(step)['config']
+    except Exception as e:  # pylint: disable=broad-except
+      tried.append(_set_aside(directory, step, e))
+      continue
+    diffs = config_differences(stored, config)
+    if diffs:
+      ckpt.close()
+      raise ValueError(
+          f'{directory} holds a checkpoint (step {step}) of a different '
+          'config; differing fields:\n  ' + '\n  '.join(diffs) +
+          '\nUse another --workdir, or pass --restart '
+          '(config.train.overwrite=True) to delete it and start over.')
+    try:
+      with _quiet_failed_reads():
+        restored, meta = ckpt.restore(step, abstract)
+      _check_like(restored, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      tried.append(_set_aside(directory, step, e))
+      continue
+    if tried:
+      ckpt.manager.reload()
+    print(f'resuming {workdir} from step {step}', flush=True)
+    return restored, int(meta['data_position']), ckpt
+  if tried:
+    ckpt.close()
+    raise CheckpointError(_none_intact(workdir, tried, (
+        'pass --restart (config.train.overwrite=True) to start over',
+        'or move a step back from checkpoints_damaged/ if you repaired it')))
+  ckpt.manager.reload()
+  return state, 0, ckpt
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Orbax reads arrays in concurrent coroutines; when one fails, the rest
+  are abandoned and each prints an 'Exception ignored' traceback with the
+  whole TensorStore spec when collected (tens of thousands of lines). The
+  failure itself is raised and reported by the caller; these are dropped."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = hook
+
+
+class CheckpointError(RuntimeError):
+  """No intact checkpoint where one was expected."""
+
+
+# Set aside rather than deleted: a human may still repair or inspect it.
+DAMAGED_DIR = 'checkpoints_damaged'
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  first = text[0] if text else ''
+  for noise in (' See full TensorStore', ' [tensorstore_spec='):
+    first = first.partition(noise)[0]   # kilobytes of store specs
+  return f'{type(e).__name__}: {first[:300]}'
+
+
+def _set_aside(directory: str, step: int, e: BaseException) -> str:
+  """Moves checkpoints/<step> to checkpoints_damaged/<step>[.n], writes
+  the reason beside it, reports it; returns 'step N: reason'."""
+  reason = _reason(e)
+  source = os.path.join(directory, str(step))
+  target = os.path.join(os.path.dirname(directory), DAMAGED_DIR, str(step))
+  n = 0
+  while os.path.exists(target + (f'.{n}' if n else '')):
+    n += 1
+  target += f'.{n}' if n else ''
+  if jax.process_index() == 0 and os.path.isdir(source):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    with open(os.path.join(target, 'DAMAGED.txt'), 'w') as f:
+      f.write(reason + '\n')
+  print(f'checkpoint step {step} of {directory} is unreadable ({reason}); '
+        f'moved it to {target}; trying an older step.', file=sys.stderr,
+        flush=True)
+  return f'step {step}: {reason}'
+
+
+def _none_intact(workdir: str, tried: List[str], choices) -> str:
+  return (f'no intact checkpoint in {workdir}; tried, newest first (each '
+          f'moved to {os.path.join(workdir, DAMAGED_DIR)}):\n  ' +
+          '\n  '.join(tried) + '\nChoices: ' + '; '.join(choices) + '.')
+
+
+def _check_like(tree: Any, abstract: Any) -> None:
+  """Raises ValueError when a restored leaf's shape or dtype differs."""
+  got = jax.tree_util.tree_leaves_with_path(tree)
+  want = jax.tree_util.tree_leaves_with_path(abstract)
+  if len(got) != len(want):
+    raise ValueError(f'{len(got)} arrays stored, the state has {len(want)}.')
+  for (path, a), (_, b) in zip(got, want):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f'{jax.tree_util.keystr(path)} is {a.dtype}'
+                       f'{list(a.shape)}, the state needs {b.dtype}'
+                       f'{list(b.shape)}.')
 
 
 def latest_step(workdir: str) -> Optional[int]:
@@ -196,7 +296,7 @@ def latest_step(workdir: str) -> Optional[int]:
 
 def load_for_eval(workdir: str, config: Optional[ml_collections.ConfigDict],
                   step: Optional[int] = None) -> Tuple[Any, Any, Dict[str, Any]]:
-  """(model, params, prep) of a training checkpoint, for evaluation.
+  """(model, params, prep) of one training checkpoint, for evaluation.
 
   The architecture is the one stored with the checkpoint. When `config` is
   given, its model block must describe the same architecture (fields that
@@ -208,46 +308,117 @@ def load_for_eval(workdir: str, config: Optional[ml_collections.ConfigDict],
   Args:
     workdir: a train.py run directory.
     config: the evaluation config, or None to skip the check.
-    step: the step to load (default: the latest).
+    step: the step to load (default: the newest intact one, load_latest).
 
   Returns:
-    (model, params, prep): the Segmenter, its parameters (host arrays) and
+    (model, params, prep): the model, its parameters (host arrays) and
     dict(mean, std) in 0..1 units.
   """
-  from lvtp_jax import models  # pylint: disable=g-import-not-at-top
-  step = latest_step(workdir) if step is None else step
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if step is None:
-    raise FileNotFoundError(f'{directory} holds no checkpoint; train first.')
+    found = load_latest(workdir, config)
+    if found is None:
+      raise FileNotFoundError(
+          f'{os.path.join(os.path.abspath(workdir), "checkpoints")} holds no '
+          'checkpoint; train first.')
+    return found[:3]
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   manager = ocp.CheckpointManager(directory)
   try:
-    meta = manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-    if 'model' not in meta:
-      raise ValueError(f'{directory}/{step} was written by an older version '
-                       'without the model description; retrain.')
-    if config is not None:
-      stored = {k: v for k, v in meta['config']['model'].items()
-                if k not in _NOT_ARCHITECTURE_FIELDS}
-      current = {k: v for k, v in json.loads(
-          config.model.to_json_best_effort()).items()
-                 if k not in _NOT_ARCHITECTURE_FIELDS}
-      diffs = [f'model.{k}: {stored.get(k, "<absent>")!r} -> '
-               f'{current.get(k, "<absent>")!r}'
-               for k in sorted(set(stored) | set(current))
-               if stored.get(k) != current.get(k)]
-      if diffs:
-        raise ValueError(
-            f'{directory} (step {step}) was trained with another model '
-            'config; differing fields:\n  ' + '\n  '.join(diffs) +
-            '\nEvaluate it with the config it was trained with, or use '
-            'another --workdir.')
+    meta = _read_eval_meta(manager, directory, step, config)
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))['state']
   finally:
     manager.close()
+  return _eval_model(meta, state)
+
+
+def load_latest(workdir: str, config: Optional[ml_collections.ConfigDict]
+                ) -> Optional[Tuple[Any, Any, Dict[str, Any], int]]:
+  """(model, params, prep, step) of workdir's newest intact checkpoint.
+
+  None when workdir has no checkpoint at all. A step that cannot be read
+  is reported, moved aside to WORKDIR/checkpoints_damaged/ and the next
+  older one tried, as when training resumes; a config whose model differs
+  from the stored one is refused (ValueError), not treated as damage.
+
+  Raises:
+    CheckpointError: every step is damaged.
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory)
+  tried = []
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        meta = _read_eval_meta(manager, directory, step, config)
+      except _ConfigMismatch:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        tried.append(_set_aside(directory, step, e))
+        continue
+      try:
+        with _quiet_failed_reads():
+          state = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore()))['state']
+        model, params, prep = _eval_model(meta, state)
+      except Exception as e:  # pylint: disable=broad-except
+        tried.append(_set_aside(directory, step, e))
+        continue
+      return model, params, prep, step
+  finally:
+    manager.close()
+  if tried:
+    raise CheckpointError(_none_intact(workdir, tried, (
+        'train again (python train.py with --restart starts over)',
+        'or point --workdir / config.model.init_from at another run')))
+  return None
+
+
+class _ConfigMismatch(ValueError):
+  """The checkpoint is intact but not of this config: refused, not set
+  aside."""
+
+
+def _read_eval_meta(manager, directory: str, step: int,
+                    config: Optional[ml_collections.ConfigDict]
+                    ) -> Dict[str, Any]:
+  meta = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+  if 'model' not in meta:
+    raise _ConfigMismatch(
+        f'{directory}/{step} was written by an older version without the '
+        'model description; retrain.')
+  if config is not None:
+    stored = {k: v for k, v in meta['config']['model'].items()
+              if k not in _NOT_ARCHITECTURE_FIELDS}
+    current = {k: v for k, v in json.loads(
+        config.model.to_json_best_effort()).items()
+               if k not in _NOT_ARCHITECTURE_FIELDS}
+    diffs = [f'model.{k}: {stored.get(k, "<absent>")!r} -> '
+             f'{current.get(k, "<absent>")!r}'
+             for k in sorted(set(stored) | set(current))
+             if stored.get(k) != current.get(k)]
+    if diffs:
+      raise _ConfigMismatch(
+          f'{directory} (step {step}) was trained with another model '
+          'config; differing fields:\n  ' + '\n  '.join(diffs) +
+          '\nEvaluate it with the config it was trained with, or use '
+          'another --workdir.')
+  return meta
+
+
+def _eval_model(meta: Dict[str, Any], state: Dict[str, Any]):
+  """(model, params, prep); raises when the stored parameters do not fit
+  the stored architecture (a damaged or foreign checkpoint)."""
+  from lvtp_jax import models  # pylint: disable=g-import-not-at-top
   model = models.build(meta['architecture'], meta['model'])
   params = jax.tree.map(np.asarray, state['params'])
+  size = model.img_size
+  want = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+  _check_like(params, want['params'])
   return model, params, dict(meta['data'])
 
 
@@ -256,7 +427,33 @@ def load_weights(path: str) -> Tuple[Any, Any, Dict[str, Any]]:
   (its latest checkpoint, load_for_eval) or a converted directory
   (python -m lvtp_jax.convert; lvtp_jax.pretrained.load)."""
   if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return load_for_eval(path, None)
+    found = load_latest(path, None)
+    if found is None:
+      raise FileNotFoundError(
+          f'config.model.init_from={path} is a training workdir without a '
+          'checkpoint; train it first or point init_from elsewhere.')
+    print(f'init_from: {path}/checkpoints/{found[3]}', flush=True)
+    return found[:3]
   from lvtp_jax import pretrained  # pylint: disable=g-import-not-at-top
   model, params, meta = pretrained.load(path)
   return model, params, meta['data']
+
+
+def random_weights_requested(config: ml_collections.ConfigDict) -> bool:
+  """config.eval.random_weights: the one way to score random weights."""
+  return bool(config.get('eval') and config.eval.get('random_weights', False))
+
+
+def nothing_to_evaluate(workdir: Optional[str], convert_hint: str
+                        ) -> ValueError:
+  """The error of an evaluation that has no weights to score."""
+  where = (f'--workdir {workdir} does not exist' if workdir and
+           not os.path.isdir(workdir) else
+           f'{workdir or "the workdir"} holds no training checkpoint')
+  return ValueError(
+      f'nothing to evaluate: {where} and config.model.init_from is empty. '
+      'Check the --workdir path, train first (python train.py with the same '
+      f'--config and --workdir), or point --config.model.init_from at '
+      f'{convert_hint}. To score random weights on purpose (smoke tests, '
+      'speed), pass --config.eval.random_weights=True.')
+

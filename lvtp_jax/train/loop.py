@@ -33,7 +33,10 @@ last checkpoint, which is never one saved after that step.
 import functools
 import json
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
@@ -133,11 +136,21 @@ class _MetricsLog:
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
       self.checkpointer.wait_until_finished()
+      good = self.checkpointer.latest_step()
+      workdir = os.path.dirname(self.checkpointer.directory)
       raise FloatingPointError(
           f'loss is {loss[bad[0]]} at step {self.first_step + bad[0] + 1}; '
-          f'last good checkpoint: step {self.checkpointer.latest_step()} in '
-          f'{self.checkpointer.directory}. Lower train.lr or enable '
-          'train.grad_clip_norm; the run resumes from that checkpoint.')
+          f'last good checkpoint: step {good} in '
+          f'{self.checkpointer.directory}. A changed train.lr or '
+          'train.grad_clip_norm is another config, so this workdir will not '
+          'resume with it. Either start over here: add --restart and e.g. '
+          '--config.train.lr=<lower> to the command (the checkpoints are '
+          'deleted, metrics.jsonl kept aside)' + (
+              '.' if good is None else
+              '; or continue from the last good weights in a new workdir, '
+              'with a fresh optimizer and schedule: --workdir <new> '
+              f'--config.model.init_from={workdir} --config.train.lr=<lower>.'
+          ))
     elapsed = time.perf_counter() - self.t0
     row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     row['lr'] = float(fetched[-1]['lr'])
@@ -187,7 +200,88 @@ def start_state(config: ml_collections.ConfigDict, workdir: str, params: Any,
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    start_metrics(os.path.join(workdir, 'metrics.jsonl'), start,
+                  restart=config.train.overwrite)
   return state, start, ckpt
+
+
+def start_metrics(path: str, start: int, restart: bool) -> None:
+  """Makes metrics.jsonl describe one run from step `start` on.
+
+  A restart (--restart) moves the old file aside to
+  metrics.<time>.jsonl and starts a new one; a resume drops the rows of
+  steps after `start`, which the run is about to replay, so that no step
+  is written twice, and a line torn by a kill mid-write.
+  """
+  if not os.path.exists(path):
+    return
+  if restart:
+    kept = path[:-len('.jsonl')] + time.strftime('.%Y%m%d-%H%M%S.jsonl')
+    os.replace(path, kept)
+    print(f'--restart: the previous metrics are in {kept}', flush=True)
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines
+          if _row_step(line) is not _TORN and (
+              _row_step(line) is None or _row_step(line) <= start)]
+  if len(keep) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
+
+
+_TORN = object()
+
+
+def _row_step(line: str):
+  try:
+    return json.loads(line).get('step')
+  except (json.JSONDecodeError, AttributeError):
+    return _TORN   # a torn last line (the process died while writing)
+
+
+class _Preemption:
+  """SIGTERM / SIGINT during training: finish the step, save, exit.
+
+  The first signal sets `signum`; the loop then saves a checkpoint at the
+  current step (or lets the save in flight finish), prints how to resume
+  and exits with status 128 + signal (143 for SIGTERM, 130 for Ctrl-C). A
+  second signal exits at once. Handlers are installed only in the main
+  thread (Python delivers signals there) and restored afterwards.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self.previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self.previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
+    if self.signum is not None:
+      print(f'\n{name} again: exiting now, without waiting for the '
+            'checkpoint (the previous one is intact).', file=sys.stderr,
+            flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.signum = signum
+    print(f'\n{name}: saving a checkpoint after this step, then exiting '
+          f'(send {name} again to exit at once).', file=sys.stderr,
+          flush=True)
+
+
+def _resume_command() -> str:
+  args = [a for a in sys.argv
+          if a not in ('--restart', '--config.train.overwrite=True')]
+  return shlex.join(['python'] + args)
 
 
 def run_steps(config: ml_collections.ConfigDict, workdir: str, *,
@@ -211,22 +305,34 @@ def run_steps(config: ml_collections.ConfigDict, workdir: str, *,
   log = _MetricsLog(workdir, config.train.batch_size, ckpt)
   bar = tqdm.tqdm(total=num_steps, initial=start, unit='step', file=sys.stderr,
                   disable=not config.train.progress or jax.process_index())
+  preemption = _Preemption()
   try:
-    for step in range(start, num_steps):
-      batch = jax.tree.map(to_global, next(batches))
-      state, metrics = train_step(state, batch)
-      log.add(step, metrics)
-      done = step + 1
-      bar.update(1)
-      save = ckpt.manager.should_save(done) or done == num_steps
-      if save or done % config.train.log_every == 0:
-        bar.set_postfix(**postfix(log.flush(write=True)))
-      if eval_every and done % eval_every == 0 and done != num_steps:
-        bar.write(quick_eval(state['params'], done, log.path))
-      if save:
-        ckpt.save(done, state, config, force=done == num_steps,
-                  model_meta=model_meta)
-    ckpt.wait_until_finished()
+    with preemption:
+      for step in range(start, num_steps):
+        batch = jax.tree.map(to_global, next(batches))
+        state, metrics = train_step(state, batch)
+        log.add(step, metrics)
+        done = step + 1
+        bar.update(1)
+        save = ckpt.manager.should_save(done) or done == num_steps
+        stop = preemption.signum is not None
+        if save or stop or done % config.train.log_every == 0:
+          bar.set_postfix(**postfix(log.flush(write=True)))
+        if (eval_every and done % eval_every == 0 and done != num_steps
+            and not stop):
+          bar.write(quick_eval(state['params'], done, log.path))
+        stop = preemption.signum is not None
+        if save or (stop and ckpt.latest_step() != done):
+          ckpt.save(done, state, config, force=True, model_meta=model_meta)
+        if stop:
+          ckpt.wait_until_finished()
+          bar.close()
+          name = signal.Signals(preemption.signum).name
+          print(f'{name}: saved step {done} in {ckpt.directory}. To resume, '
+                f'run the same command again:\n  {_resume_command()}',
+                file=sys.stderr, flush=True)
+          raise SystemExit(128 + preemption.signum)
+      ckpt.wait_until_finished()
   finally:
     bar.close()
     ckpt.close()

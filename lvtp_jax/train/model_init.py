@@ -116,13 +116,37 @@ def _segmenter_from_backbone(vit: vit_lib.ViT, vit_params: Any,
   return model, {'encoder': encoder}
 
 
-def build(cfg: ml_collections.ConfigDict, seed: int
+def _check_shape(cfg: ml_collections.ConfigDict, source: Any) -> None:
+  """Refuses an init_from whose encoder shape is not the config's.
+
+  The config's shape is its variant with non-zero fields overriding it;
+  with variant '' and every shape field 0 the checkpoint's shape is taken.
+  """
+  wanted = vit_lib.variant_fields(cfg.variant) if cfg.get('variant') else {}
+  wanted.update({k: cfg[k] for k in _SHAPE_FIELDS if cfg.get(k)})
+  diffs = [f'model.{k}: {v} in the config, {getattr(source, k)} in '
+           f'{cfg.init_from}' for k, v in sorted(wanted.items())
+           if k in _SHAPE_FIELDS and getattr(source, k) != v]
+  if diffs:
+    raise ValueError(
+        'config.model.init_from has another encoder shape than the config:'
+        '\n  ' + '\n  '.join(diffs) + '\nSet the config fields to the '
+        "checkpoint's (or model.variant='' and the shape fields to 0 to take "
+        'them from the checkpoint), or point init_from at a checkpoint of '
+        'this shape.')
+
+
+def build(cfg: ml_collections.ConfigDict, seed: int, strict_shape: bool = True
           ) -> Tuple[seg_lib.Segmenter, Any, Dict[str, Any], List[str]]:
   """(model, params, prep, initialised) for training.
 
   Args:
     cfg: config.model.
     seed: initialisation seed.
+    strict_shape: with init_from, refuse a checkpoint whose encoder shape
+      (width, depth, num_heads, mlp_dim, patch_size) differs from the
+      config's (training: config.json must describe the model trained).
+      Evaluation passes False: a converted model brings its own shape.
 
   Returns:
     model: the Segmenter (with cfg's aux heads and drop-path rate),
@@ -138,6 +162,8 @@ def build(cfg: ml_collections.ConfigDict, seed: int
   if cfg.init_from:
     source, loaded, prep = checkpoint.load_weights(cfg.init_from)
     fields = pretrained.module_fields(source)
+    if strict_shape and isinstance(source, (vit_lib.ViT, seg_lib.Segmenter)):
+      _check_shape(cfg, source)
     if isinstance(source, vit_lib.ViT):
       model, loaded = _segmenter_from_backbone(source, loaded, cfg,
                                                train_fields)
