@@ -17,18 +17,21 @@ quickstart:
   python eval.py --config configs/benchmark_seg.py:sweep=policies \
       --workdir runs/benchmark_seg
   python -m lvtp_jax.evaluation.selection \
-      --config configs/benchmark_seg.py:sweep=selection \
+      --config configs/benchmark_seg.py:sweep=testbed \
       --workdir runs/benchmark_seg --cuts 0.2,0.3,0.4,0.5
 
 arg (comma-separated):
   runlocal  a tiny model and a few steps on synthetic_scenes/tiny (tests)
-  sweep     none | policies | selection (lvtp_jax/evaluation/sweeps.py)
+  sweep     none | policies | selection | testbed (the grid the test bed
+            chooses from: random, DToP and LVTP-R settings,
+            lvtp_jax/evaluation/sweeps.py testbed_grid)
 """
 
 import importlib.util
 import os
 
 from lvtp_jax import config_args
+from lvtp_jax.evaluation import sweeps
 
 
 def _quickstart():
@@ -43,10 +46,16 @@ def _quickstart():
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, runlocal=False, sweep='none')
   base = _quickstart()
-  config = base.get_config(f'sweep={arg.sweep}' +
+  testbed = arg.sweep == 'testbed'
+  config = base.get_config(f'sweep={"none" if testbed else arg.sweep}' +
                            (',runlocal' if arg.runlocal else ''))
+  if testbed:
+    config.sweep = sweeps.testbed_grid()
   if arg.runlocal:
     config.model.patch_size = 8
+    if testbed:   # one of each policy
+      keep = ('unpruned', 'random0.5', 'dtop_p0.9', 'lvtp_sum')
+      config.sweep = tuple(s for s in config.sweep if s['eval.name'] in keep)
     return config
   config.model.update(dict(width=128, depth=12, num_heads=4, mlp_dim=512,
                            patch_size=8, aux_layers=(6, 8)))

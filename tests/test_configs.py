@@ -66,8 +66,10 @@ def test_config_loads_and_names_known_components(path):
     mod.get_config('no_such_arg=1')
 
 
-@pytest.mark.parametrize('name', ['quickstart.py', 'benchmark_seg.py'])
-@pytest.mark.parametrize('sweep', ['policies', 'lvtp_ablation', 'selection'])
+@pytest.mark.parametrize('name, sweep', [
+    ('quickstart.py', 'policies'), ('quickstart.py', 'lvtp_ablation'),
+    ('quickstart.py', 'selection'), ('benchmark_seg.py', 'policies'),
+    ('benchmark_seg.py', 'selection'), ('benchmark_seg.py', 'testbed')])
 def test_quickstart_sweeps_are_valid_settings(name, sweep):
   mod = _load(os.path.join(REPO, 'configs', name))
   for arg in (f'sweep={sweep}', f'sweep={sweep},runlocal'):

@@ -162,3 +162,30 @@ def test_pareto_front_and_off_scale_rows(tmp_path):
            for i, (x, y) in enumerate(pts)]
   path = plots.pareto(rows, str(tmp_path / 'p.png'))
   assert os.path.getsize(path) > 1000
+
+
+def test_in_block_reductions_on_the_segmenter_give_rows(data_dir, tmp_path):
+  """EViT and ToMe on the Segmenter (dense reassembly through src): rows
+  with the token counts of every block and MLP, and effective GFLOPs from
+  them; the linear decoder is per token, so its cost stays that of N."""
+  config = _config(data_dir)
+  config.model.depth = 4             # Ti/16 otherwise: compiling is the cost
+  config.sweep = (
+      {'eval.name': 'unpruned'},
+      {'eval.name': 'tome', 'pruning.name': 'tome', 'pruning.mode': 'buffer',
+       'pruning.tome.r': 3},
+      {'eval.name': 'evit', 'pruning.name': 'evit', 'pruning.mode': 'buffer',
+       'pruning.evit.keep_rate': 0.5, 'pruning.evit.layers': (4,)})
+  unpruned, tome, evit = eval_main.run(config, str(tmp_path))['rows']
+  model = seg_eval.build_model(config)[0]
+  assert tome['tokens_per_block'] == [65.0 - 3 * i for i in range(4)]
+  assert tome['mlp_tokens_per_block'] == [62.0 - 3 * i for i in range(4)]
+  want = 2 * flops.segmenter_effective_macs(
+      model, np.asarray(tome['tokens_per_block']) - 1,
+      np.asarray(tome['mlp_tokens_per_block']) - 1) / 1e9
+  assert tome['gflops_effective'] == pytest.approx(float(want))
+  for row in (tome, evit):
+    assert row['gflops_effective'] < unpruned['gflops_effective']
+    assert row['dense'] == 'source' and 0 <= row['miou'] <= 100
+    assert row['speedup'] > 0 and row['realized_flops_ratio'] > 1
+  assert evit['mlp_tokens_per_block'][3] == 1 + 32 + 1   # 64 -> 32 + fused

@@ -216,6 +216,85 @@ def test_config_errors_name_the_field(cfg, match):
     pruning.attach(_TINY, cfg)
 
 
-def test_in_block_reduction_on_the_segmenter_is_refused_clearly():
-  with pytest.raises(ValueError, match='in-block reduction; on the Segmenter'):
-    pruning.attach(tiny.model(), dict(name='tome'))
+# ----------------------------------------------------------------------------
+# In-block reductions on the Segmenter: dense reassembly through `src`.
+# ----------------------------------------------------------------------------
+
+# 8 x 8 patches, 4 blocks: room for every policy to reduce.
+_SEG = dict(img_size=64, depth=4, aux_layers=(2,))
+_SEG_POLICIES = [
+    dict(name='evit', evit=dict(keep_rate=0.5, layers=(2, 3))),
+    dict(name='evit', evit=dict(keep_rate=0.5, layers=(2,),
+                                fuse_token=False)),
+    dict(name='tome', tome=dict(r=6)),
+    dict(name='bat', bat=dict(keep_rate=0.5, layers=(2, 3))),
+    dict(name='gtp', gtp=dict(num_prop=5, orphan_src='none',
+                              graph_type='Spatial')),
+]
+
+
+def _dense_reference(src, grid):
+  """NumPy restatement of the 'source' rule: src, with a -1 patch taking
+  the src of the nearest patch that has one (ties: lower index)."""
+  h, w = grid
+  out = src.copy()
+  for b in range(src.shape[0]):
+    have = np.flatnonzero(src[b] >= 0)
+    for n in np.flatnonzero(src[b] < 0):
+      d2 = [(n // w - m // w) ** 2 + (n % w - m % w) ** 2 for m in have]
+      out[b, n] = src[b, have[int(np.argmin(d2))]]
+  return out
+
+
+@pytest.mark.parametrize('cfg, decoder', [
+    (cfg, 'linear') for cfg in _SEG_POLICIES] + [
+        (_SEG_POLICIES[2], 'mask_transformer')], ids=str)
+def test_every_reduction_on_the_segmenter(cfg, decoder):
+  model = tiny.model(decoder=decoder, **_SEG)
+  params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
+  x = np.asarray(tiny.images(5, batch=2)).repeat(2, axis=1).repeat(2, axis=2)
+  out = {}
+  for mode in ('masked', 'buffer'):
+    pruned = pruning.attach(model, dict(cfg, mode=mode))
+    out[mode] = pruned.apply({'params': params}, x, return_aux=True)
+  (masked, maux), (buffer, baux) = out['masked'], out['buffer']
+  # The masked oracle and the real buffer agree, patch for patch.
+  np.testing.assert_allclose(masked, buffer, rtol=0, atol=2e-5)
+  for key in ('tokens_per_block', 'mlp_tokens_per_block'):
+    np.testing.assert_array_equal(maux[key], baux[key])
+  assert int(baux['mlp_tokens_per_block'][0, -1]) < 64
+  # Dense reassembly: every patch decoded from the token its src names, as
+  # the decoder would decode the final buffer's tokens themselves.
+  state = baux['state']
+  src = _dense_reference(np.asarray(state.src), (8, 8))
+  assert (src >= 0).all()
+  if cfg.get('evit', {}).get('fuse_token') is False:
+    assert (np.asarray(state.src) < 0).any()   # the nearest-source rule ran
+  if decoder == 'linear':
+    tokens = np.asarray(_final_tokens(model, params, state))
+    kernel = np.asarray(params['decoder']['head']['kernel'])
+    bias = np.asarray(params['decoder']['head']['bias'])
+    want = np.take_along_axis(tokens, src[..., None], axis=1) @ kernel + bias
+    np.testing.assert_allclose(baux['token_logits'], want, rtol=0,
+                               atol=2e-5)
+
+
+def _final_tokens(model, params, state):
+  """The encoder's final LayerNorm of a buffer, [B, K, D]."""
+  return model.apply({'params': params}, state.x,
+                     method=lambda m, x: m.encoder.norm(x))
+
+
+def test_a_reduction_that_keeps_everything_is_the_unpruned_segmenter():
+  model = tiny.model(**_SEG)
+  params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
+  x = np.asarray(tiny.images(6, batch=2)).repeat(2, axis=1).repeat(2, axis=2)
+  want = model.apply({'params': params}, x)
+  got = pruning.attach(model, dict(name='tome', mode='buffer',
+                                   tome=dict(r=0))).apply({'params': params}, x)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_dense_rule_is_validated():
+  with pytest.raises(ValueError, match=r"config.pruning.dense='canvas'"):
+    pruning.attach(tiny.model(), dict(name='tome', dense='canvas'))

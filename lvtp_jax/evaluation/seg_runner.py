@@ -44,6 +44,9 @@ class ForwardStats:
   num_prefix: int
   max_maps: int = 0
   tokens_per_block: List[np.ndarray] = dataclasses.field(default_factory=list)
+  # In-block reductions: valid patch tokens each block's MLP ran on.
+  mlp_tokens_per_block: List[np.ndarray] = dataclasses.field(
+      default_factory=list)
   overflow: List[np.ndarray] = dataclasses.field(default_factory=list)
   maps: List[Dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
   # [exited, stayed] x [patches, pruned correct, unpruned correct]
@@ -83,7 +86,11 @@ class ForwardStats:
           labels: Optional[np.ndarray] = None,
           preds: Optional[np.ndarray] = None) -> None:
     """Adds the forwards `rows` (bool [n]) of one batch's aux outputs."""
-    if 'tokens_per_block' in aux:
+    if 'mlp_tokens_per_block' in aux:   # an in-block reduction
+      self.tokens_per_block.append(np.asarray(aux['tokens_per_block'])[rows])
+      self.mlp_tokens_per_block.append(
+          np.asarray(aux['mlp_tokens_per_block'])[rows])
+    elif 'tokens_per_block' in aux:
       self.tokens_per_block.append(np.asarray(aux['tokens_per_block'])[rows])
       self.overflow.append(np.asarray(aux['overflow'])[rows])
     else:  # the unpruned model: every patch in every block
@@ -103,6 +110,11 @@ class ForwardStats:
 
   def tokens(self) -> np.ndarray:
     return np.concatenate(self.tokens_per_block)
+
+  def mlp_tokens(self) -> Optional[np.ndarray]:
+    """[F, depth] for an in-block reduction, else None."""
+    return (np.concatenate(self.mlp_tokens_per_block)
+            if self.mlp_tokens_per_block else None)
 
   def overflows(self) -> Optional[np.ndarray]:
     return np.concatenate(self.overflow) if self.overflow else None

@@ -236,17 +236,21 @@ def attach_setting(config: ml_collections.ConfigDict, model, params,
   """
   pcfg = pruning.resolve(config.pruning)
   calibration = None
-  if pcfg.name != 'none' and pcfg.mode == 'buffer' and pcfg.calibrate.images:
+  if (pcfg.name != 'none' and pcfg.mode == 'buffer' and pcfg.calibrate.images
+      and pruning.get(pcfg.name).kind == 'exit'):   # in-block: static counts
     pcfg.capacities, calibration = calibrate_capacities(
         config, model, params, prep, pcfg)
   return pruning.attach(model, pcfg, normalization=prep), pcfg, calibration
 
 
 def effective_gflops(model: seg_lib.Segmenter, tokens: np.ndarray,
-                     windows_per_image: float) -> float:
+                     windows_per_image: float,
+                     mlp_tokens: Optional[np.ndarray] = None) -> float:
   """Analytic GFLOPs (2 x MACs) per image from the valid patch tokens of
-  every block of every forward, tokens [F, depth] (ForwardStats.tokens())."""
-  macs = float(np.mean(flops.segmenter_effective_macs(model, tokens)))
+  every block of every forward, tokens [F, depth] (ForwardStats.tokens()),
+  and for an in-block reduction those of every MLP (mlp_tokens())."""
+  macs = float(np.mean(flops.segmenter_effective_macs(model, tokens,
+                                                      mlp_tokens)))
   return 2 * macs / 1e9 * windows_per_image
 
 
@@ -302,7 +306,8 @@ def evaluate_model(config: ml_collections.ConfigDict,
       pixel_accuracy=result['pixel_accuracy'],
       per_class_iou=[float(v) for v in result['per_class_iou']],
       gflops_realized=realized * windows_per_image,
-      gflops_effective=effective_gflops(model, tokens, windows_per_image),
+      gflops_effective=effective_gflops(model, tokens, windows_per_image,
+                                        stats.mlp_tokens()),
       images_per_second=ips['model'] / windows_per_image,
       batch_size=batch,
       dtype=jnp.dtype(model.dtype).name,
@@ -313,6 +318,15 @@ def evaluate_model(config: ml_collections.ConfigDict,
   if spec is None:
     return row, []
   unpruned_realized = baseline.realized(params, images)
+  if stats.mlp_tokens() is not None:   # an in-block reduction
+    row.update(
+        speedup=ips['model'] / ips['unpruned'],
+        realized_flops_ratio=unpruned_realized / realized,
+        tokens_per_block=[float(t + p) for t in mean_tokens],
+        mlp_tokens_per_block=[float(t + p) for t in
+                              stats.mlp_tokens().mean(axis=0)],
+        dense=spec.dense, forwards=len(tokens))
+    return row, []
   overflow = stats.overflows()
   decisions = pruning.decision_flops(pruned, forward_hw, batch) / 1e9
   row.update(

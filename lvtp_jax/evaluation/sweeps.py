@@ -195,6 +195,38 @@ def selection_grid() -> Sweep:
   return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)
 
 
+def testbed_grid() -> Sweep:
+  """The settings the segmentation test bed (configs/benchmark_seg.py)
+  chooses from on held-out images, smaller than selection_grid() because
+  each costs 12 blocks x 257 tokens on 500 images: the random floor at
+  exit fractions 0.2-0.8 (at both heads), DToP at p0 0.5-0.95 (the
+  official rule), LVTP-R (spec defaults; with exit summaries; with
+  summaries and a 3-cluster edge pass), and the in-block reductions on
+  the Segmenter, off the shelf: EViT 0.7/0.5, BAT 0.7, ToMe r 8/16, GTP
+  P 8/16 (config.pruning.dense 'source')."""
+  grid = [('unpruned', {})]
+  for f in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+    grid.append((f'random{f}', {'pruning.name': 'random',
+                                'pruning.random.exit_fraction': (f,)}))
+  for p0 in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+    grid.append((f'dtop_p{p0}', {'pruning.name': 'dtop',
+                                 'pruning.dtop.threshold': p0}))
+  lvtp = {'pruning.name': 'lvtp'}
+  grid.append(('lvtp', lvtp))
+  grid.append(('lvtp_sum', dict(lvtp, **SUMMARY)))
+  grid.append(('lvtp_sum_k3', dict(lvtp, **SUMMARY, **{'pruning.lvtp.k2': 3})))
+  for keep in (0.7, 0.5):
+    grid.append((f'evit{keep}', {'pruning.name': 'evit',
+                                 'pruning.evit.keep_rate': keep}))
+  grid.append(('bat0.7', {'pruning.name': 'bat', 'pruning.bat.keep_rate': 0.7}))
+  for r in (8, 16):
+    grid.append((f'tome_r{r}', {'pruning.name': 'tome', 'pruning.tome.r': r}))
+  for num_prop in (8, 16):
+    grid.append((f'gtp_P{num_prop}', {'pruning.name': 'gtp',
+                                      'pruning.gtp.num_prop': num_prop}))
+  return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)
+
+
 def settings(config: ml_collections.ConfigDict
              ) -> List[ml_collections.ConfigDict]:
   """One config per evaluation setting of config.sweep.

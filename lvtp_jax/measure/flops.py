@@ -102,7 +102,8 @@ def segmenter_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
   return encoder + decoder + aux
 
 
-def segmenter_effective_macs(model: Any, tokens_per_block) -> np.ndarray:
+def segmenter_effective_macs(model: Any, tokens_per_block,
+                             mlp_tokens_per_block=None) -> np.ndarray:
   """Analytic MACs per image of a pruned Segmenter forward (effective count).
 
   Counts what a ragged implementation would do on the tokens that were
@@ -119,6 +120,10 @@ def segmenter_effective_macs(model: Any, tokens_per_block) -> np.ndarray:
       encoder block processed, e.g. aux['tokens_per_block'] of a pruned
       forward. Nothing exits before the first block, so
       tokens_per_block[..., 0] is the patch count N.
+    mlp_tokens_per_block: an in-block reduction (aux of the same name):
+      [..., depth] valid patch tokens each block's MLP ran on. The decoder
+      then decodes all N patches (the dense reassembly) and the auxiliary
+      heads do not run.
 
   Returns:
     MACs with the leading shape of `tokens_per_block`.
@@ -129,6 +134,12 @@ def segmenter_effective_macs(model: Any, tokens_per_block) -> np.ndarray:
                      f'last axis, the model has {model.depth} blocks.')
   d, c, p = model.width, model.num_classes, model.patch_size
   embed = tokens[..., 0] * 3 * p * p * d
+  if mlp_tokens_per_block is not None:
+    mlp = np.asarray(mlp_tokens_per_block, np.float64)
+    blocks = block_macs(tokens + model.num_prefix, d, model.mlp_dim,
+                        mlp + model.num_prefix).sum(axis=-1)
+    return embed + blocks + _decoder_macs(
+        model.decoder, tokens[..., 0], d, c, model.decoder_depth)
   blocks = block_macs(tokens + model.num_prefix, d, model.mlp_dim).sum(axis=-1)
   decoder = _decoder_macs(model.decoder, tokens[..., -1], d, c,
                           model.decoder_depth)

@@ -33,6 +33,7 @@ import numpy as np
 
 from lvtp_jax.models import vit as vit_lib
 from lvtp_jax.pruning import engine as pruning_engine
+from lvtp_jax.pruning import inblock as pruning_inblock
 from lvtp_jax.tokens import state as ts
 
 DECODERS = ('linear', 'mask_transformer')
@@ -188,6 +189,25 @@ class Segmenter(nn.Module):
   def num_prefix(self) -> int:
     return 2 if self.distilled else 1
 
+  def _reduced_forward(self, x: jax.Array, train: bool):
+    """The encoder with an in-block reduction (EViT, ToMe, BAT, GTP;
+    lvtp_jax/pruning/inblock.py), then every patch's token by the spec's
+    dense rule (inblock.dense_tokens) through the decoder on the full grid.
+    The auxiliary heads do not run (nothing exits at them)."""
+    encoder = _EncoderView(self)
+    state, stats = pruning_inblock.forward(encoder, x, train)
+    p = self.patch_size
+    grid = (x.shape[1] // p, x.shape[2] // p)
+    tokens = pruning_inblock.dense_tokens(self.encoder.norm(state.x),
+                                          state.src, grid)
+    token_logits = self.decode_head(tokens, train)
+    aux = dict(token_logits=token_logits, aux_logits={},
+               grid=jnp.asarray(grid, jnp.int32), state=state,
+               valid_tokens=stats['valid_tokens'],
+               tokens_per_block=stats['valid_tokens'] - self.num_prefix,
+               mlp_tokens_per_block=stats['mlp_tokens'] - self.num_prefix)
+    return token_logits, aux
+
   def __call__(self, images: jax.Array, *, train: bool = False,
                return_aux: bool = False):
     """images [B, H, W, 3] -> logits [B, H, W, C] (and aux if return_aux).
@@ -212,6 +232,10 @@ class Segmenter(nn.Module):
     p = self.patch_size
     pad_h, pad_w = -h % p, -w % p
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    if self.pruning is not None and pruning_inblock.is_reduction(self.pruning):
+      token_logits, aux = self._reduced_forward(x, train)
+      logits = upsample_cropped(token_logits, p, (h, w))
+      return (logits, aux) if return_aux else logits
     if self.pruning is not None:
       token_logits, grid, aux = pruning_engine.forward(self, x, train)
       logits = upsample_cropped(token_logits, p, (h, w))
@@ -237,6 +261,18 @@ class Segmenter(nn.Module):
                valid_tokens=jnp.stack(valid_counts, axis=1),
                grid=jnp.asarray(grid, jnp.int32))
     return logits, aux
+
+
+class _EncoderView:
+  """What pruning_inblock.forward reads of a model, for the Segmenter's
+  encoder: its embedding and blocks, with the Segmenter's spec."""
+
+  def __init__(self, segmenter):
+    self.embed = segmenter.encoder.embed
+    self.run_block = segmenter.encoder.run_block
+    self.num_prefix = segmenter.num_prefix
+    self.depth = segmenter.depth
+    self.pruning = segmenter.pruning
 
 
 def _taps(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lvtp_jax.pruning import registry
 from lvtp_jax.tokens import state as ts
@@ -131,6 +132,38 @@ def forward(model: Any, images: jax.Array, train: bool
     reduced = reduced or reduce is not None
   return state, dict(valid_tokens=jnp.stack(valid, axis=1),
                      mlp_tokens=jnp.stack(mlp, axis=1), state=state)
+
+
+def dense_tokens(tokens: jax.Array, src: jax.Array,
+                 grid: Tuple[int, int]) -> jax.Array:
+  """Every original patch's token after an in-block reduction (the
+  Segmenter's 'source' reassembly, spec.DENSE).
+
+  Args:
+    tokens: [B, K, D] the final buffer (prefix included).
+    src: [B, N] the slot that represents each patch (TokenState.src), -1
+      for a patch no slot represents.
+    grid: the (h, w) patch grid, h w = N.
+
+  Returns:
+    [B, N, D]: tokens[src]; a patch with src -1 takes the source of the
+    nearest patch that has one (squared grid distance, ties to the lower
+    patch index), and slot 0 if no patch has one.
+  """
+  h, w = grid
+  yy, xx = np.divmod(np.arange(h * w), w)
+  dist = ((yy[:, None] - yy[None]) ** 2 + (xx[:, None] - xx[None]) ** 2)
+  has = src >= 0
+  cost = jnp.where(has[:, None, :], jnp.asarray(dist, jnp.int32)[None],
+                   jnp.iinfo(jnp.int32).max)
+  nearest = jnp.argmin(cost, axis=-1)               # first minimum: lowest
+  src = jnp.where(has, src, jnp.take_along_axis(src, nearest, axis=1))
+  return ts.take_rows(tokens, jnp.maximum(src, 0))
+
+
+def is_reduction(spec: Any) -> bool:
+  """Whether the policy of `spec` is an in-block reduction."""
+  return registry.get(spec.name).kind == 'reduce'
 
 
 def size_weighted_pool(spec: Any) -> bool:

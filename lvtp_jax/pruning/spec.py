@@ -78,6 +78,14 @@ from lvtp_jax.pruning import registry
 MODES = ('masked', 'buffer')
 OVERFLOW_RULES = ('exit_confident', 'exit_last')
 REASSEMBLE = ('logits', 'frozen', 'interpolate')
+# How an in-block reduction on the Segmenter gives every original patch a
+# token for the decoder: 'source', the token that represents the patch now
+# (TokenState.src: the merged token for ToMe, the fused one for EViT's
+# dropped patches, BAT's cluster token, GTP's receiving neighbour); a patch
+# with no source (src -1: EViT without fusion, GTP's orphans with
+# orphan_src 'none') takes the source of the nearest patch (grid distance,
+# ties to the lower index) that has one.
+DENSE = ('source',)
 AUX_SOURCES = ('aux_heads', 'final_head_on_intermediate')
 EXIT_SUMMARIES = ('none', 'per_class')
 
@@ -92,6 +100,7 @@ def config_defaults() -> ml_collections.ConfigDict:
   cfg.capacities = ()
   cfg.overflow = 'exit_confident'
   cfg.exit_summary = 'none'
+  cfg.dense = 'source'         # DENSE: in-block reductions on the Segmenter
   cfg.calibrate = ml_collections.ConfigDict(dict(
       images=0, quantile=1.0, split='train'))
   for name in registry.names():
@@ -120,6 +129,8 @@ class PruningSpec:
     normalization: (mean, std) per RGB channel in 0..1 units that the input
       images were normalised with, for policies that read pixels
       (Policy.needs_normalization); None otherwise.
+    dense: an in-block reduction on the Segmenter: how every patch gets a
+      token for the decoder (DENSE).
   """
   name: str
   mode: str
@@ -132,6 +143,7 @@ class PruningSpec:
   params: Hashable = None
   exit_summary: str = 'none'
   normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+  dense: str = 'source'
 
   @property
   def num_stages(self) -> int:
@@ -305,12 +317,10 @@ def build_spec(cfg: Optional[Any], model: Any,
 def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
                  model: Any) -> PruningSpec:
   """The spec of an in-block reduction (lvtp_jax/pruning/inblock.py)."""
-  if hasattr(model, 'aux_layers'):
+  if cfg.dense not in DENSE:
     raise ValueError(
-        f'config.pruning.name={cfg.name!r} is an in-block reduction; on the '
-        'Segmenter it needs dense reassembly of the reduced tokens, which is '
-        'not built yet. Use it on a ViT classifier, or an exit policy '
-        "('dtop', 'lvtp', 'random') on the Segmenter.")
+        f'config.pruning.dense={cfg.dense!r} is not one of {DENSE} (the '
+        "issue's 'canvas' and 'interpolate' reassemblies are not built yet).")
   params = policy.make_params(cfg.get(cfg.name, ml_collections.ConfigDict()),
                               0)
   grid = model.img_size // model.patch_size
@@ -319,7 +329,7 @@ def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
   return PruningSpec(
       name=cfg.name, mode=cfg.mode, aux_source=cfg.aux_source, boundaries=(),
       exit_layers=(), capacities=(), overflow=cfg.overflow,
-      reassemble='logits', params=params)
+      reassemble='logits', params=params, dense=cfg.dense)
 
 
 def summary(cfg: Any) -> Dict[str, Any]:

@@ -83,7 +83,8 @@ def config_differences(stored: Dict[str, Any],
 _NOT_ARCHITECTURE_FIELDS = ('init_from', 'random_init', 'dtype')
 # Fields added after runs were saved: a stored config without one had the
 # default, so resuming such a run is not refused for it.
-_DEFAULTS_OF_NEWER_FIELDS = {'model.dtype': 'float32'}
+_DEFAULTS_OF_NEWER_FIELDS = {'model.dtype': 'float32',
+                             'pruning.dense': 'source'}
 
 
 class Checkpointer:
