@@ -70,8 +70,11 @@ def _resumable(field: str) -> bool:
 def config_differences(stored: Dict[str, Any],
                        current: ml_collections.ConfigDict) -> List[str]:
   """'field: stored -> current' for every non-resumable field that differs."""
-  old = dict(_DEFAULTS_OF_NEWER_FIELDS, **_flatten(stored))
+  old = _flatten(stored)
   new = _flatten(json.loads(current.to_json_best_effort()))
+  for key, default in _DEFAULTS_OF_NEWER_FIELDS.items():
+    if key in new and key not in old:   # saved before the field existed
+      old[key] = default
   return [f'{k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}'
           for k in sorted(set(old) | set(new))
           if not _resumable(k) and old.get(k) != new.get(k)]
