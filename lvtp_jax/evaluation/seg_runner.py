@@ -86,13 +86,13 @@ class ForwardStats:
           labels: Optional[np.ndarray] = None,
           preds: Optional[np.ndarray] = None) -> None:
     """Adds the forwards `rows` (bool [n]) of one batch's aux outputs."""
-    if 'mlp_tokens_per_block' in aux:   # an in-block reduction
+    if 'tokens_per_block' in aux:
       self.tokens_per_block.append(np.asarray(aux['tokens_per_block'])[rows])
-      self.mlp_tokens_per_block.append(
-          np.asarray(aux['mlp_tokens_per_block'])[rows])
-    elif 'tokens_per_block' in aux:
-      self.tokens_per_block.append(np.asarray(aux['tokens_per_block'])[rows])
-      self.overflow.append(np.asarray(aux['overflow'])[rows])
+      if 'mlp_tokens_per_block' in aux:   # an in-block reduction
+        self.mlp_tokens_per_block.append(
+            np.asarray(aux['mlp_tokens_per_block'])[rows])
+      else:
+        self.overflow.append(np.asarray(aux['overflow'])[rows])
     else:  # the unpruned model: every patch in every block
       self.tokens_per_block.append(
           np.asarray(aux['valid_tokens'])[rows] - self.num_prefix)

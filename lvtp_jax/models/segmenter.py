@@ -194,8 +194,8 @@ class Segmenter(nn.Module):
     lvtp_jax/pruning/inblock.py), then every patch's token by the spec's
     dense rule (inblock.dense_tokens) through the decoder on the full grid.
     The auxiliary heads do not run (nothing exits at them)."""
-    encoder = _EncoderView(self)
-    state, stats = pruning_inblock.forward(encoder, x, train)
+    state, stats = pruning_inblock.forward(self.encoder, self.pruning, x,
+                                           train)
     p = self.patch_size
     grid = (x.shape[1] // p, x.shape[2] // p)
     tokens = pruning_inblock.dense_tokens(self.encoder.norm(state.x),
@@ -261,18 +261,6 @@ class Segmenter(nn.Module):
                valid_tokens=jnp.stack(valid_counts, axis=1),
                grid=jnp.asarray(grid, jnp.int32))
     return logits, aux
-
-
-class _EncoderView:
-  """What pruning_inblock.forward reads of a model, for the Segmenter's
-  encoder: its embedding and blocks, with the Segmenter's spec."""
-
-  def __init__(self, segmenter):
-    self.embed = segmenter.encoder.embed
-    self.run_block = segmenter.encoder.run_block
-    self.num_prefix = segmenter.num_prefix
-    self.depth = segmenter.depth
-    self.pruning = segmenter.pruning
 
 
 def _taps(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -400,7 +400,7 @@ class ViT(nn.Module):
     (sizes, and `src`: the slot of every patch).
     """
     if self.pruning is not None:
-      state, aux = pruning_inblock.forward(self, images, train)
+      state, aux = pruning_inblock.forward(self, self.pruning, images, train)
     else:
       state, _ = self.embed(images)
       valid_counts = []

@@ -88,12 +88,14 @@ def reduce_block(state: ts.TokenState, signals: Dict[str, jax.Array], *,
   return ts.pad(out, capacity) if capacity > n_out else out
 
 
-def forward(model: Any, images: jax.Array, train: bool
+def forward(model: Any, spec: Any, images: jax.Array, train: bool
             ) -> Tuple[ts.TokenState, Dict[str, jax.Array]]:
-  """The encoder of a ViT with an in-block reduction (model.pruning).
+  """A ViT encoder with an in-block reduction.
 
   Args:
-    model: the ViT (inside apply).
+    model: the ViT (inside apply): a classifier, or a Segmenter's encoder.
+    spec: the PruningSpec of the reduction (the classifier's own
+      model.pruning, or the Segmenter's).
     images: [B, H, W, 3].
     train: training mode (drop-path).
 
@@ -102,7 +104,6 @@ def forward(model: Any, images: jax.Array, train: bool
     'valid_tokens' / 'mlp_tokens' [B, depth] int32 valid slots entering
     each block and its MLP, 'state' the final TokenState.
   """
-  spec = model.pruning
   policy = registry.get(spec.name)
   state, grid = model.embed(images)
   with jax.named_scope('policy_init'):   # bench/profile.py counts it
