@@ -114,6 +114,32 @@ class BAT(evit.LayerReduction):
   cluster_weights, match_metric, prop_attn."""
   name = 'bat'
   signals = frozenset({'cls_attn', 'keys'})
+  summary = ('BAT (Long et al., CVPR 2023; a reconstruction, no public code): '
+             'in each of the `layers` the patch tokens are split by CLS '
+             "attention; the attentive ones merge in pairs by ToMe's "
+             'matching, the inattentive ones are clustered by DPC-KNN into '
+             'one token per cluster.')
+  field_help = {
+      'keep_rate': 'share of the n non-prefix tokens that are attentive, K = '
+                   'ceil(keep_rate n) with the highest head-mean CLS '
+                   'attention; the other M = n - K are clustered; 1.0 '
+                   'changes nothing.',
+      'layers': "the 1-based blocks that reduce (as EViT's).",
+      'cluster_ratio': 'c = ceil(cluster_ratio M) clusters (1 to M) of the M '
+                       'inattentive tokens; the attentive ones then merge r '
+                       '= min(c, K // 2) pairs, so about as many tokens '
+                       'leave the block as EViT keeps.',
+      'knn_k': "k of the DPC-KNN density: exp of minus the mean of a token's "
+               'k smallest squared distances (its own zero included).',
+      'cluster_weights': "weights of the cluster means: 'cls_attn' (each "
+                         "member's CLS attention, the spec's) or 'uniform'.",
+      'match_metric': "what the attentive tokens are matched on: 'keys' (the "
+                      "block's head-mean attention keys, as ToMe) or 'x' "
+                      '(the tokens themselves).',
+      'prop_attn': 'proportional attention: log(size) added to the attention '
+                   'logits of the blocks after the first reduction (off: not '
+                   'known for BAT).',
+  }
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()

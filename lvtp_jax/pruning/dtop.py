@@ -80,10 +80,33 @@ def exit_decisions(logits: jax.Array, valid: jax.Array, threshold: float,
   return cand & ~keep
 
 
+# The meaning of an exit policy's `reassemble` field (engine.py, REASSEMBLE).
+REASSEMBLE_HELP = (
+    "the final prediction of an exited patch: 'logits' (its exit head's "
+    "logits, mixed with the decoder's logits: the official DToP rule), "
+    "'frozen' (its exit head's class distribution, kept exactly) or "
+    "'interpolate' (the decoder logits of the nearest patch on the grid that "
+    'reached the decoder).')
+
+
 class DToP(registry.Policy):
   """config.pruning.dtop: threshold (p0), top_k (k), reassemble."""
   name = 'dtop'
   signals = frozenset({'aux_logits'})
+  summary = ('DToP (Tang et al., ICCV 2023): at every stage boundary an active '
+             'patch whose auxiliary-head confidence (max softmax probability) '
+             'exceeds `threshold` exits with its prediction, except the '
+             '`top_k` most confident of each predicted class, which stay as '
+             'context.')
+  field_help = {
+      'threshold': 'p0: a patch is an exit candidate when its max class '
+                   'probability is > threshold (strict, in float32); 1.0 '
+                   'never exits (official: 0.9 for ViT-B, 0.95 for ViT-L).',
+      'top_k': 'k: the most confident candidates of each predicted class '
+               'stay active as context (ties: the lower patch index); 0 '
+               'keeps none.',
+      'reassemble': REASSEMBLE_HELP,
+  }
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()

@@ -142,6 +142,23 @@ class EViT(LayerReduction):
   """config.pruning.evit: keep_rate, layers (1-based), fuse_token."""
   name = 'evit'
   signals = frozenset({'cls_attn'})
+  summary = ('EViT (Liang et al., ICLR 2022): in each of the `layers`, '
+             'between the attention and the MLP, keeps the ceil(`keep_rate` '
+             'n) patch tokens with the highest head-mean CLS attention and '
+             '(`fuse_token`) sums the others, weighted by that attention, '
+             'into one token.')
+  field_help = {
+      'keep_rate': 'rho: share of the n non-prefix tokens kept in each '
+                   'listed block, k = ceil(keep_rate n) in float64 (an '
+                   'earlier fused token counts as one of the n); 1.0 changes '
+                   'nothing.',
+      'layers': 'the 1-based blocks that reduce (4, 7, 10 are the official '
+                '0-based drop locations 3, 6, 9).',
+      'fuse_token': 'sum the dropped tokens into one token, weighted by '
+                    'their CLS attention (not normalised), appended after '
+                    'the kept ones; False drops them (their patches get src '
+                    '-1).',
+  }
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()

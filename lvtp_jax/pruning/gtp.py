@@ -259,6 +259,46 @@ class GTP(registry.Policy):
   kind = 'reduce'
   signals = frozenset({'attn'})
   needs_aux_heads = False
+  summary = ('GTP (Xu et al., WACV 2024; training-free): in every block, '
+             'between the attention and the MLP, the `num_prop` patches of '
+             'lowest `selection` score leave and are propagated into the '
+             'kept ones along a token graph built once per image from the '
+             'embedded patches.')
+  field_help = {
+      'num_prop': 'patches removed and propagated in every block (while any '
+                  'are left); 0 turns GTP off (the official code would then '
+                  'propagate every patch).',
+      'selection': 'the attention score that ranks the patches (the highest '
+                   'stay): CLSAttnMean/Max (the CLS row), IMGAttnMean/Max '
+                   '(column sums), DiagAttnMean/Max (the diagonal), '
+                   'MixedAttnMean/Max (diagonal x column sums), SumAttnMax '
+                   '(diagonal + column sums), CosSimMean/Max (minus the '
+                   'summed cosine of the attention rows); Mean/Max over '
+                   'heads.',
+      'alpha': 'weight of the propagated messages: a kept patch gains alpha '
+               'times the graph-weighted sum of the patches propagated into '
+               'it.',
+      'graph_type': "the token graph: 'Spatial' (the 8 grid neighbours), "
+                    "'Semantic' (each patch to its `num_neighbours` most "
+                    "cosine-similar patches, directed) or 'Mixed' (their "
+                    'union); normalised as D^-1/2 G D^-1/2.',
+      'num_neighbours': 'k of the semantic graph: a patch links to every '
+                        'patch at least as similar as its (k+1)-th most '
+                        'similar (itself included, then removed; ties add '
+                        "links); unused by 'Spatial'.",
+      'token_scale': 'track token scales in size (a kept token grows by '
+                     'alpha times the graph-weighted scales it receives) and '
+                     'add their log to the attention logits of the later '
+                     'blocks.',
+      'sparsity': "theta: the share of each head's attention entries kept in "
+                  'every block; the entries below the k-th smallest, k = '
+                  'int(N N (1 - theta)), become 0 without renormalisation; '
+                  '1.0 is off.',
+      'orphan_src': 'the token a propagated patch with no kept neighbour '
+                    'left maps to (src, for dense outputs): '
+                    "'nearest' (the kept token nearest in cosine) or 'none' "
+                    '(src -1).',
+  }
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()

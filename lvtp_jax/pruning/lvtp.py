@@ -215,6 +215,83 @@ class LVTP(registry.Policy):
   name = 'lvtp'
   signals = frozenset({'aux_logits', 'image'})
   needs_normalization = True
+  summary = ('LVTP-R, the reconstruction of Ouyang et al. (arXiv 2504.17996) '
+             'in specs/lvtp.md, training-free: at every stage boundary the '
+             'active patches in the k-means cluster of lowest uncertainty U '
+             '(fused multi-scale Tsallis entropy of the auxiliary head) exit, '
+             'except those a second k-means finds on strong low-level (Sobel) '
+             'edges, which stay; optional guards keep more.')
+  field_help = {
+      'qs': 'entropic indices q of the Tsallis entropies of the '
+            "auxiliary head's class distribution (each divided by its "
+            'maximum) that are fused into U; 1.0 is Shannon.',
+      'weighting': 'how the normalised entropies are fused into U per image '
+                   "and boundary: 'dispersion' (weights proportional to "
+                   "their standard deviation over the active patches), 'ewm' "
+                   "(the entropy-weight method), 'uniform', or 'single' (one "
+                   'q and one spatial scale only).',
+      'spatial_scales': 'odd neighbourhood sides whose entropies enter U: 1 '
+                        "is each patch's own distribution, 3 adds the mean "
+                        'distribution of the active patches in its 3x3 '
+                        'neighbourhood.',
+      'clustering': "pass 1, which finds the easy candidates: 'sequential' "
+                    '(1-D k-means on U with `k1` clusters, the lowest '
+                    "cluster), 'per_class' (the same within each predicted "
+                    "class) or 'joint' (k-means on (U, 1 - e) with `k_joint` "
+                    'clusters, e the edge score; the cluster of lowest U + '
+                    'e).',
+      'passes': '2: a second 1-D k-means (`k2` clusters) on the candidates '
+                'keeps its highest cluster active: the edge rescue on e '
+                "('joint': the borderline patches, on U); 1: pass 1 only.",
+      'k1': "clusters of pass 1's 1-D k-means on U (clustering 'sequential' "
+            "and 'per_class').",
+      'k2': "clusters of pass 2's 1-D k-means (on e; with 'joint' on U).",
+      'k_joint': "clusters of the 2-D k-means on (U, 1 - e) of clustering "
+                 "'joint'.",
+      'iters': 'Lloyd iterations of every k-means (a fixed, unrolled '
+               'number).',
+      'gap1': 'gap guard of pass 1: when the lowest centroid lies closer '
+              "than this to the next one (in U; 'joint': Euclidean in (U, 1 "
+              '- e)), there is no easy cluster and nothing exits (per image;'
+              " 'per_class': per class).",
+      'gap2': 'gap guard of pass 2: when the highest centroid lies closer '
+              'than this to the next one, nothing is rescued (every '
+              'candidate exits).',
+      'edge_pool': 'how the Sobel magnitude G is pooled per patch into the '
+                   "edge score: 'mean', 'max', or 'density' (the fraction of "
+                   'pixels with G > `edge_tau`).',
+      'edge_tau': 'threshold on the Sobel magnitude (pixels in [0, 1]) of '
+                  "`edge_pool`='density'; unused by the other pools.",
+      'edge_color': "'luma': Sobel on the BT.601 luma (the spec's); 'rgb': "
+                    "the largest of the R, G and B channels' Sobel "
+                    'magnitudes (ours).',
+      'edge_scale': 's: Sobel on the s x s block means of the image, a '
+                    'coarser scale (s divides the patch size; 1: the image '
+                    'itself; ours).',
+      'lowlevel': 'the low-level features averaged into the edge score e, '
+                  "each min-max normalised per image: 'sobel' and optionally "
+                  "'color_var' (per-patch pixel variance, mean over R, G, B).",
+      'conf_floor': 'pass-1 candidates also need a max class probability >= '
+                    'this (0: off).',
+      'keep_topk_per_class': "DToP's context rule: the k lowest-U exits of "
+                             'every predicted class stay active (0: off).',
+      'context_stride': 'patches whose row and column are multiples of this '
+                        'stride always stay, a regular context sub-grid (0: '
+                        'off).',
+      'label_boundary': 'odd window side >= 3: a patch stays when the active '
+                        'patches in its window (itself included) hold more '
+                        'than one predicted class, i.e. at a predicted class '
+                        'boundary (0: off).',
+      'max_exit_frac': 'at most this fraction of the active patches exits at '
+                       'a boundary, the lowest U first (floor per image): one '
+                       'value per boundary or one for all; 1.0: no limit.',
+      'reassemble': dtop.REASSEMBLE_HELP + " `pruned_fill`='interpolate' "
+                    'overrides it.',
+      'pruned_fill': "'exit': an exited patch keeps its exit-canvas "
+                     "prediction (per `reassemble`); 'interpolate': it takes "
+                     'the decoder logits of the nearest patch that reached '
+                     "the decoder (the same as `reassemble`='interpolate').",
+  }
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()

@@ -36,6 +36,17 @@ class RandomDrop(evit.EViT):
   """config.pruning.random_drop: keep_rate, layers, fuse_token, seed."""
   name = 'random_drop'
   signals = frozenset()
+  summary = ("The random baseline of in-block reduction: EViT's token "
+             'counts in the same `layers`, but the kept patch tokens are a '
+             'seeded uniform draw (it depends on the position of the image '
+             'in its batch, not on its content).')
+  field_help = dict(
+      evit.EViT.field_help,
+      fuse_token='average the dropped tokens into one token (equal weights: '
+                 'there is no score), appended after the kept ones; False '
+                 'drops them (their patches get src -1).',
+      seed='PRNG seed of the draw (jax.random.PRNGKey(seed) folded with the '
+           'block).')
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = super().config_defaults()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lvtp_jax.pruning import dtop
 from lvtp_jax.pruning import registry
 from lvtp_jax.pruning import spec as spec_lib
 
@@ -81,6 +82,21 @@ class RandomExit(registry.Policy):
   """config.pruning.random: exit_fraction, seed, reassemble."""
   name = 'random'
   signals = frozenset({'image'})
+  summary = ('Exit baseline (the sanity floor): at every stage boundary a '
+             'random floor(`exit_fraction` x active) of the active patches of '
+             'each image exit, drawn by a hash of (`seed`, stage, image '
+             'content, patch): the same choice in masked and buffer mode and '
+             'in any batch.')
+  field_help = {
+      'exit_fraction': 'fraction of the patches still active at a stage '
+                       'boundary that exit there (floor per image): one value '
+                       'per boundary or one for all of them (after two '
+                       'boundaries at 0.5 a quarter remains).',
+      'seed': 'seed of the hash that draws the exits; the draw also depends '
+              'on the stage and on the image content, not on its position '
+              'in the batch.',
+      'reassemble': dtop.REASSEMBLE_HELP,
+  }
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()

@@ -138,6 +138,8 @@ class Policy:
   needs_aux_heads: bool = True
   # Reads pixel values in `prepare` (needs PruningSpec.normalization).
   needs_normalization: bool = False
+  summary: str = ''                # one line for describe.py's listing
+  field_help: Dict[str, str] = {}  # config field -> one-line meaning
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     """The policy's own block, config.pruning.<name> (may be empty)."""

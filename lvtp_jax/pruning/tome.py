@@ -132,6 +132,23 @@ class ToMe(registry.Policy):
   kind = 'reduce'
   signals = frozenset({'keys'})
   needs_aux_heads = False
+  summary = ('ToMe (Bolya et al., ICLR 2023): in every block, between the '
+             'attention and the MLP, merges `r` tokens into their most '
+             'similar partners by bipartite soft matching on the head-mean '
+             'attention keys (size-weighted means), optionally with '
+             'proportional attention.')
+  field_help = {
+      'r': 'tokens merged per block, before the `inflect` schedule; each '
+           'block clips it to half the tokens other than CLS and the '
+           'distillation token; 0 merges nothing.',
+      'inflect': 'the official merge schedule, a linear ramp over the blocks '
+                 'from int(r (1 - inflect)) to 2r minus that: 0 merges `r` '
+                 "in every block, -1 ramps from 2r down to 0 (the paper's "
+                 'decreasing schedule), +1 from 0 up to 2r.',
+      'prop_attn': 'proportional attention: log(size) added to the attention '
+                   'logits of every block after the first merge (the '
+                   'official off-the-shelf setting).',
+  }
 
   def config_defaults(self) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
