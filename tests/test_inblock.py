@@ -233,22 +233,32 @@ _SEG_POLICIES = [
 ]
 
 
-def _dense_reference(src, grid):
-  """NumPy restatement of the 'source' rule: src, with a -1 patch taking
-  the src of the nearest patch that has one (ties: lower index)."""
+def _dense_reference(src, grid, rule='source'):
+  """NumPy restatement of the dense rules. 'source': src, with a -1 patch
+  taking the src of the nearest patch that has one (ties: lower index).
+  'interpolate': a patch alone in its slot keeps it; every other patch
+  takes the slot of the nearest such patch."""
   h, w = grid
   out = src.copy()
   for b in range(src.shape[0]):
+    def nearest(n, among):
+      d2 = [(n // w - m // w) ** 2 + (n % w - m % w) ** 2 for m in among]
+      return among[int(np.argmin(d2))]
     have = np.flatnonzero(src[b] >= 0)
     for n in np.flatnonzero(src[b] < 0):
-      d2 = [(n // w - m // w) ** 2 + (n % w - m % w) ** 2 for m in have]
-      out[b, n] = src[b, have[int(np.argmin(d2))]]
+      out[b, n] = src[b, nearest(n, have)]
+    if rule == 'interpolate':
+      alone = [m for m in have if (src[b] == src[b, m]).sum() == 1]
+      if alone:
+        out[b] = [src[b, nearest(n, alone)] for n in range(h * w)]
   return out
 
 
 @pytest.mark.parametrize('cfg, decoder', [
     (cfg, 'linear') for cfg in _SEG_POLICIES] + [
-        (_SEG_POLICIES[2], 'mask_transformer')], ids=str)
+        (_SEG_POLICIES[2], 'mask_transformer'),
+        (dict(_SEG_POLICIES[0], dense='interpolate'), 'linear'),
+        (dict(_SEG_POLICIES[4], dense='interpolate'), 'linear')], ids=str)
 def test_every_reduction_on_the_segmenter(cfg, decoder):
   model = tiny.model(decoder=decoder, **_SEG)
   params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
@@ -266,7 +276,8 @@ def test_every_reduction_on_the_segmenter(cfg, decoder):
   # Dense reassembly: every patch decoded from the token its src names, as
   # the decoder would decode the final buffer's tokens themselves.
   state = baux['state']
-  src = _dense_reference(np.asarray(state.src), (8, 8))
+  src = _dense_reference(np.asarray(state.src), (8, 8),
+                         cfg.get('dense', 'source'))
   assert (src >= 0).all()
   if cfg.get('evit', {}).get('fuse_token') is False:
     assert (np.asarray(state.src) < 0).any()   # the nearest-source rule ran
@@ -298,3 +309,68 @@ def test_a_reduction_that_keeps_everything_is_the_unpruned_segmenter():
 def test_dense_rule_is_validated():
   with pytest.raises(ValueError, match=r"config.pruning.dense='canvas'"):
     pruning.attach(tiny.model(), dict(name='tome', dense='canvas'))
+
+
+# ----------------------------------------------------------------------------
+# Composed policies: an exit policy and an in-block reduction in one forward.
+# ----------------------------------------------------------------------------
+
+_NORM = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+@pytest.mark.parametrize('cfg', [
+    dict(name='lvtp+tome', tome=dict(r=6)),
+    dict(name='random+evit', evit=dict(keep_rate=0.5, layers=(2,)),
+         random=dict(exit_fraction=(0.5,)), capacities=(0.5,)),
+], ids=str)
+def test_composed_policy_masked_equals_buffer(cfg):
+  model = tiny.model(img_size=64, depth=4, aux_layers=(3,))
+  params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
+  x = np.asarray(tiny.images(5, batch=2)).repeat(2, axis=1).repeat(2, axis=2)
+  out = {}
+  for mode in ('masked', 'buffer'):
+    pruned = pruning.attach(model, dict(cfg, mode=mode), normalization=_NORM)
+    out[mode] = pruned.apply({'params': params}, x, return_aux=True)
+  (masked, maux), (buffer, baux) = out['masked'], out['buffer']
+  np.testing.assert_allclose(masked, buffer, rtol=0, atol=2e-5)
+  for key in ('tokens_per_block', 'mlp_tokens_per_block', 'exit_stage'):
+    np.testing.assert_array_equal(maux[key], baux[key])
+  tokens = np.asarray(baux['tokens_per_block'])
+  if cfg['name'] == 'lvtp+tome':
+    # ToMe merges 6 in each block before the boundary at block 3, then the
+    # exit engine takes over on the merged buffer.
+    np.testing.assert_array_equal(tokens[:, :3], [[64, 58, 52]] * 2)
+    np.testing.assert_array_equal(baux['mlp_tokens_per_block'][:, :2],
+                                  [[58, 52]] * 2)
+  else:
+    assert (tokens[:, 2] == 33).all() and (tokens[:, 3] == 17).all()
+    # A merged slot exits with every patch it stands for: 31 of the 64
+    # patches were dropped into the fused token, which exits as one.
+    assert (np.asarray(baux['exit_stage']) == 0).any()
+  # Masked mode has no capacities: the oracle holds while nothing overflows.
+  np.testing.assert_array_equal(baux['overflow'], 0)
+
+
+def test_composed_with_a_reduction_that_keeps_everything_is_the_exit_policy():
+  model = tiny.model(img_size=64, depth=4, aux_layers=(3,))
+  params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
+  x = np.asarray(tiny.images(6, batch=2)).repeat(2, axis=1).repeat(2, axis=2)
+  want = pruning.attach(model, dict(name='lvtp', mode='buffer'),
+                        normalization=_NORM).apply({'params': params}, x)
+  got = pruning.attach(model, dict(name='lvtp+tome', mode='buffer',
+                                   tome=dict(r=0)),
+                       normalization=_NORM).apply({'params': params}, x)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('cfg, match', [
+    (dict(name='tome+dtop'), r'one exit policy .* then one in-block'),
+    (dict(name='none+tome'), r'one exit policy'),
+    (dict(name='dtop+gtp'), r'carries state from block to block'),
+    (dict(name='dtop+evit', evit=dict(layers=(3,))),
+     r'acts in blocks 1-2, before the first stage boundary \(block 3\)'),
+], ids=str)
+def test_composed_policy_errors(cfg, match):
+  model = tiny.model(img_size=64, depth=4, aux_layers=(3,))
+  with pytest.raises(ValueError, match=match):
+    pruning.attach(model, cfg)

@@ -237,7 +237,7 @@ def attach_setting(config: ml_collections.ConfigDict, model, params,
   pcfg = pruning.resolve(config.pruning)
   calibration = None
   if (pcfg.name != 'none' and pcfg.mode == 'buffer' and pcfg.calibrate.images
-      and pruning.get(pcfg.name).kind == 'exit'):   # in-block: static counts
+      and pruning.kind(pcfg.name) != 'reduce'):   # in-block: static counts
     pcfg.capacities, calibration = calibrate_capacities(
         config, model, params, prep, pcfg)
   return pruning.attach(model, pcfg, normalization=prep), pcfg, calibration
@@ -317,21 +317,18 @@ def evaluate_model(config: ml_collections.ConfigDict,
   )
   if spec is None:
     return row, []
-  unpruned_realized = baseline.realized(params, images)
-  if stats.mlp_tokens() is not None:   # an in-block reduction
-    row.update(
-        speedup=ips['model'] / ips['unpruned'],
-        realized_flops_ratio=unpruned_realized / realized,
-        tokens_per_block=[float(t + p) for t in mean_tokens],
-        mlp_tokens_per_block=[float(t + p) for t in
-                              stats.mlp_tokens().mean(axis=0)],
-        dense=spec.dense, forwards=len(tokens))
+  row.update(speedup=ips['model'] / ips['unpruned'],
+             realized_flops_ratio=baseline.realized(params, images) / realized)
+  if stats.mlp_tokens() is not None:   # an in-block reduction ran
+    row.update(tokens_per_block=[float(t + p) for t in mean_tokens],
+               mlp_tokens_per_block=[float(t + p) for t in
+                                     stats.mlp_tokens().mean(axis=0)])
+  if pruning.kind(pcfg.name) == 'reduce':
+    row.update(dense=spec.dense, forwards=len(tokens))
     return row, []
   overflow = stats.overflows()
   decisions = pruning.decision_flops(pruned, forward_hw, batch) / 1e9
   row.update(
-      speedup=ips['model'] / ips['unpruned'],
-      realized_flops_ratio=unpruned_realized / realized,
       gflops_decisions=decisions * windows_per_image,
       decision_share=decisions / realized,
       capacity_per_stage=[n + p] + [

@@ -203,7 +203,10 @@ def testbed_grid() -> Sweep:
   official rule), LVTP-R (spec defaults; with exit summaries; with
   summaries and a 3-cluster edge pass), and the in-block reductions on
   the Segmenter, off the shelf: EViT 0.7/0.5, BAT 0.7, ToMe r 8/16, GTP
-  P 8/16 (config.pruning.dense 'source')."""
+  P 8/16 (config.pruning.dense 'source'; EViT 0.7 and GTP P16 also with
+  'interpolate'), and composed policies: LVTP-R with summaries + ToMe r
+  8/16 in the blocks before the first auxiliary head, DToP p0 0.8 + ToMe
+  r 16."""
   grid = [('unpruned', {})]
   for f in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
     grid.append((f'random{f}', {'pruning.name': 'random',
@@ -224,6 +227,17 @@ def testbed_grid() -> Sweep:
   for num_prop in (8, 16):
     grid.append((f'gtp_P{num_prop}', {'pruning.name': 'gtp',
                                       'pruning.gtp.num_prop': num_prop}))
+  interp = {'pruning.dense': 'interpolate'}
+  grid.append(('evit0.7_interp', dict(interp, **{
+      'pruning.name': 'evit', 'pruning.evit.keep_rate': 0.7})))
+  grid.append(('gtp_P16_interp', dict(interp, **{
+      'pruning.name': 'gtp', 'pruning.gtp.num_prop': 16})))
+  for r in (8, 16):
+    grid.append((f'lvtp_sum+tome_r{r}', dict(SUMMARY, **{
+        'pruning.name': 'lvtp+tome', 'pruning.tome.r': r})))
+  grid.append(('dtop_p0.8+tome_r16', {
+      'pruning.name': 'dtop+tome', 'pruning.dtop.threshold': 0.8,
+      'pruning.tome.r': 16}))
   return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)
 
 

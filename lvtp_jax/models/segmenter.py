@@ -199,7 +199,7 @@ class Segmenter(nn.Module):
     p = self.patch_size
     grid = (x.shape[1] // p, x.shape[2] // p)
     tokens = pruning_inblock.dense_tokens(self.encoder.norm(state.x),
-                                          state.src, grid)
+                                          state.src, grid, self.pruning.dense)
     token_logits = self.decode_head(tokens, train)
     aux = dict(token_logits=token_logits, aux_logits={},
                grid=jnp.asarray(grid, jnp.int32), state=state,

@@ -43,6 +43,9 @@ from lvtp_jax.pruning.registry import StageContext
 from lvtp_jax.pruning.spec import attach
 from lvtp_jax.pruning.spec import AUX_SOURCES
 from lvtp_jax.pruning.spec import build_spec
+from lvtp_jax.pruning.spec import COMPOSE
+from lvtp_jax.pruning.spec import kind
+from lvtp_jax.pruning.spec import parts
 from lvtp_jax.pruning.spec import config_defaults
 from lvtp_jax.pruning.spec import MODES
 from lvtp_jax.pruning.spec import OVERFLOW_RULES

@@ -61,6 +61,17 @@ the canvas holds (DToP spec §3 step 6, §7.2, adapted to softmax heads):
             `pruned_fill`). When no patch of an image stayed, the canvas.
 The token map is upsampled by the Segmenter exactly as the unpruned one.
 
+A composed policy (spec.reduction, config.pruning.name='<exit>+<reduction>',
+spec.py) first runs its in-block reduction in the blocks before the first
+boundary, as inblock.forward does (static token counts; masked mode keeps
+the N slots with the reduced tokens at the front). A slot may then stand
+for several patches: `src` maps all of them to it, the head's prediction for
+the slot goes to every one of them, they exit together, and policies that
+read per-patch values see their mean per slot (StageContext.merged). Slots
+are then in the reduction's order rather than patch order, so ties go to
+the lower slot. Proportional attention, when the reduction asks for it,
+holds in every block after its first reduction.
+
 aux['aux_logits'][k] of a pruned model is the canvas right after head k
 wrote it: head k's logits for the patches it saw and, for patches that had
 already exited, their canvas entry (the prediction of the head they exited
@@ -76,13 +87,14 @@ the class embeddings) is always a valid key, and padding slots hold copies of
 real token features, so no softmax is fully masked and no row is degenerate.
 """
 
+import functools
 from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lvtp_jax.measure import flops
+from lvtp_jax.pruning import inblock
 from lvtp_jax.pruning import registry
 from lvtp_jax.tokens import state as ts
 
@@ -177,7 +189,7 @@ def exit_boundary(state: ts.TokenState, head_logits: jax.Array,
         src=psrc,
         signals=dict(jax.lax.stop_gradient(signals),
                      aux_logits=decision_logits),
-        prepared=prepared)
+        prepared=prepared, merged=bool(spec.reduction))
     exits = jax.lax.stop_gradient(policy.decide(ctx, spec.params))
     exits = exits & patch_valid
   remaining = patch_valid & ~exits
@@ -262,19 +274,6 @@ def summarize_exits(state: ts.TokenState, exits: jax.Array,
                        size=state.size.at[:, p:].set(new_size)), carriers
 
 
-def nearest_stayed(stayed: jax.Array, grid: Tuple[int, int]) -> jax.Array:
-  """[B, N] bool -> [B, N] int32: the nearest patch with stayed=True.
-
-  Euclidean distance on the (h, w) grid, ties to the lower patch index; a
-  patch that stayed is its own nearest. Rows with no stayed patch give 0.
-  """
-  h, w = grid
-  yx = np.stack(np.divmod(np.arange(h * w), w), axis=1).astype(np.float32)
-  d2 = ((yx[:, None, :] - yx[None, :, :]) ** 2).sum(-1)        # [N, N]
-  d2 = jnp.where(stayed[:, None, :], jnp.asarray(d2)[None], jnp.inf)
-  return jnp.argmin(d2, axis=-1).astype(jnp.int32)
-
-
 def reassemble(decoder_logits: jax.Array, src: jax.Array, canvas: jax.Array,
                num_prefix: int, how: str,
                grid: Tuple[int, int]) -> jax.Array:
@@ -291,7 +290,7 @@ def reassemble(decoder_logits: jax.Array, src: jax.Array, canvas: jax.Array,
   stayed = src >= 0
   dec = ts.patch_values(decoder_logits, patch_slots(src, num_prefix))
   if how == 'interpolate':
-    near = nearest_stayed(stayed, grid)
+    near = ts.nearest_patch(stayed, grid)
     filled = jnp.take_along_axis(dec, near[..., None], axis=1)
     any_stayed = stayed.any(axis=1)[:, None, None]
     fill = jnp.where(any_stayed, filled.astype(jnp.float32), canvas)
@@ -353,8 +352,12 @@ def forward(model: Any, images: jax.Array, train: bool
   canvas = jnp.zeros((b, n, model.num_classes), jnp.float32)
   exit_stage = jnp.full((b, n), spec.num_stages, jnp.int32)
   stage_of = {layer: s for s, layer in enumerate(spec.boundaries)}
-  aux_logits, overflow, tokens, slots = {}, [], [], []
-  masked = False  # every slot is valid until the first boundary
+  aux_logits, overflow, tokens, slots, mlp = {}, [], [], [], []
+  reduce_at = _composed_reductions(spec, state.capacity, p)
+  proportional = bool(reduce_at) and registry.get(
+      spec.reduction).proportional(spec.reduction_params)
+  masked = False  # every slot is valid until the first reduction or boundary
+  reduced = False
   for i in range(model.depth):
     layer = i + 1
     tokens.append(state.valid[:, p:].sum(axis=1).astype(jnp.int32))
@@ -362,9 +365,20 @@ def forward(model: Any, images: jax.Array, train: bool
     want = frozenset()
     if layer in spec.exit_layers:
       want = policy.signals & registry.ATTENTION_SIGNALS
+    reduce = reduce_at.get(layer)
+    if reduce is not None:
+      want = want | (registry.get(spec.reduction).signals
+                     & registry.ATTENTION_SIGNALS)
+      if spec.mode == 'masked':
+        reduce = functools.partial(reduce, capacity=state.capacity)
     state, signals = model.encoder.run_block(
-        i, state, masked=masked, want=want, train=train,
-        proportional=masked and spec.exit_summary != 'none')
+        i, state, masked=masked, want=want, train=train, reduce=reduce,
+        proportional=(proportional and reduced) or (
+            masked and spec.exit_summary != 'none'))
+    mlp.append(state.valid[:, p:].sum(axis=1).astype(jnp.int32))
+    if reduce is not None:
+      reduced = True
+      masked = masked or spec.mode == 'masked'
     if layer not in stage_of:
       continue
     head_logits = boundary_logits(model, spec, layer, state, masked, train)
@@ -382,7 +396,29 @@ def forward(model: Any, images: jax.Array, train: bool
   aux = dict(aux_logits=aux_logits, valid_tokens=jnp.stack(slots, axis=1),
              tokens_per_block=jnp.stack(tokens, axis=1),
              exit_stage=exit_stage, overflow=jnp.stack(overflow, axis=1))
+  if reduce_at:
+    aux['mlp_tokens_per_block'] = jnp.stack(mlp, axis=1)
+    aux['state'] = state
   return token_logits, grid, aux
+
+
+def _composed_reductions(spec: Any, num_tokens: int,
+                         num_prefix: int) -> Dict[int, Any]:
+  """A composed policy's reduction: {block (1-based): the Block `reduce`
+  hook} for the blocks before the first boundary whose token count drops
+  (buffer mode: to exactly the new count; masked mode: the caller adds the
+  buffer's capacity). Empty without a reduction."""
+  if not spec.reduction:
+    return {}
+  policy = registry.get(spec.reduction)
+  counts = inblock.validate_counts(policy, spec.reduction_params, num_tokens,
+                                   num_prefix, spec.boundaries[0] - 1)
+  return {i + 1: functools.partial(
+      inblock.reduce_block, policy=policy, params=spec.reduction_params,
+      layer=i + 1, n_in=n_in, n_out=n_out, capacity=n_out,
+      num_prefix=num_prefix)
+          for i, (n_in, n_out) in enumerate(zip(counts, counts[1:]))
+          if n_out != n_in}
 
 
 def decision_flops(model: Any, image_hw: Tuple[int, int],

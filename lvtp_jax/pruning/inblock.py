@@ -37,7 +37,6 @@ from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lvtp_jax.pruning import registry
 from lvtp_jax.tokens import state as ts
@@ -135,30 +134,38 @@ def forward(model: Any, spec: Any, images: jax.Array, train: bool
                      mlp_tokens=jnp.stack(mlp, axis=1), state=state)
 
 
-def dense_tokens(tokens: jax.Array, src: jax.Array,
-                 grid: Tuple[int, int]) -> jax.Array:
-  """Every original patch's token after an in-block reduction (the
-  Segmenter's 'source' reassembly, spec.DENSE).
+def dense_tokens(tokens: jax.Array, src: jax.Array, grid: Tuple[int, int],
+                 rule: str = 'source') -> jax.Array:
+  """Every original patch's token after an in-block reduction: the
+  Segmenter's dense reassembly (spec.DENSE).
 
   Args:
     tokens: [B, K, D] the final buffer (prefix included).
     src: [B, N] the slot that represents each patch (TokenState.src), -1
       for a patch no slot represents.
     grid: the (h, w) patch grid, h w = N.
+    rule: 'source': tokens[src]; a patch with src -1 takes the source of
+      the nearest patch that has one. 'interpolate': a patch that is the
+      only one its slot stands for (a kept patch) takes its own token;
+      every other patch (merged, fused, clustered, propagated, dropped)
+      the token of the nearest kept patch; an image with no kept patch
+      falls back to 'source'. Nearest: Euclidean grid distance, ties to
+      the lower patch index.
 
   Returns:
-    [B, N, D]: tokens[src]; a patch with src -1 takes the source of the
-    nearest patch that has one (squared grid distance, ties to the lower
-    patch index), and slot 0 if no patch has one.
+    [B, N, D].
   """
-  h, w = grid
-  yy, xx = np.divmod(np.arange(h * w), w)
-  dist = ((yy[:, None] - yy[None]) ** 2 + (xx[:, None] - xx[None]) ** 2)
   has = src >= 0
-  cost = jnp.where(has[:, None, :], jnp.asarray(dist, jnp.int32)[None],
-                   jnp.iinfo(jnp.int32).max)
-  nearest = jnp.argmin(cost, axis=-1)               # first minimum: lowest
-  src = jnp.where(has, src, jnp.take_along_axis(src, nearest, axis=1))
+  src = jnp.where(has, src, jnp.take_along_axis(
+      src, ts.nearest_patch(has, grid), axis=1))
+  if rule == 'interpolate':
+    # Patches per slot, by compare-and-sum (scatters are slow on CPU).
+    slots = jnp.arange(tokens.shape[1], dtype=src.dtype)
+    held = ((src[:, :, None] == slots) & has[:, :, None]).sum(axis=1)
+    kept = has & (jnp.take_along_axis(held, jnp.maximum(src, 0), axis=1)
+                  == 1)
+    near = jnp.take_along_axis(src, ts.nearest_patch(kept, grid), axis=1)
+    src = jnp.where(kept.any(axis=1, keepdims=True), near, src)
   return ts.take_rows(tokens, jnp.maximum(src, 0))
 
 

@@ -77,6 +77,9 @@ class StageContext:
       slots, or -1 when the patch has exited.
     signals: the declared signals (see the module docstring).
     prepared: `Policy.prepare` output when 'image' is declared, else None.
+    merged: static; True when an in-block reduction ran before the boundary
+      (a composed policy, spec.COMPOSED), so that a slot may stand for
+      several patches (several entries of `src` name it).
   """
   stage: int = flax.struct.field(pytree_node=False)
   layer: int = flax.struct.field(pytree_node=False)
@@ -85,6 +88,7 @@ class StageContext:
   src: jax.Array
   signals: Dict[str, jax.Array]
   prepared: Any = None
+  merged: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def num_patches(self) -> int:
@@ -95,12 +99,27 @@ class StageContext:
 
     Slots that hold no active patch get `fill`. Drawing per-patch values and
     moving them to slots makes a decision independent of the buffer layout,
-    so masked and buffer mode decide alike.
+    so masked and buffer mode decide alike. When a slot stands for several
+    patches (`merged`, after an in-block reduction), it gets their mean
+    (booleans: whether any of them is True); otherwise each slot has one
+    patch and its value unchanged.
     """
     b, kp = self.valid.shape
-    out = jnp.full((b, kp) + values.shape[2:], fill, values.dtype)
     slot = jnp.where(self.src >= 0, self.src, kp)  # kp: dropped
-    return out.at[jnp.arange(b)[:, None], slot].set(values, mode='drop')
+    rows = jnp.arange(b)[:, None]
+    if not self.merged:
+      out = jnp.full((b, kp) + values.shape[2:], fill, values.dtype)
+      return out.at[rows, slot].set(values, mode='drop')
+    held = jnp.zeros((b, kp), jnp.int32).at[rows, slot].add(1, mode='drop')
+    held = held.reshape(held.shape + (1,) * (values.ndim - 2))
+    if values.dtype == jnp.bool_:
+      hits = jnp.zeros(held.shape[:2] + values.shape[2:], jnp.int32).at[
+          rows, slot].add(values.astype(jnp.int32), mode='drop')
+      return jnp.where(held > 0, hits > 0, fill)
+    total = jnp.zeros((b, kp) + values.shape[2:], jnp.float32).at[
+        rows, slot].add(values.astype(jnp.float32), mode='drop')
+    mean = (total / jnp.maximum(held, 1)).astype(values.dtype)
+    return jnp.where(held > 0, mean, jnp.asarray(fill, values.dtype))
 
 
 @flax.struct.dataclass

@@ -63,6 +63,18 @@ config.pruning fields (defaults in `config_defaults`):
               Training-free context for the remaining patches: a region that
               exits keeps one token's compute (lvtp_jax/pruning/engine.py).
   <policy>    each policy's own block, e.g. config.pruning.dtop.threshold.
+
+Composed policies: name='<exit>+<reduction>' (e.g. 'lvtp+tome', 'dtop+evit')
+runs an exit policy and an in-block reduction in one Segmenter forward,
+each configured by its own block (config.pruning.lvtp, config.pruning.tome).
+The reduction acts in the blocks before the first stage boundary, where
+every slot is valid and its token counts are static (its token_counts for
+a model of that depth: ToMe merges r tokens in each of those blocks; EViT's
+layers must lie there); from the first boundary on the exit engine runs on
+the reduced buffer (engine.py): a merged slot exits, with all the patches
+it stands for, as one token. Buffer capacities stay fractions of the N
+patches. A reduction that carries state from block to block (GTP's token
+graph) cannot be composed.
 """
 
 import dataclasses
@@ -79,15 +91,49 @@ MODES = ('masked', 'buffer')
 OVERFLOW_RULES = ('exit_confident', 'exit_last')
 REASSEMBLE = ('logits', 'frozen', 'interpolate')
 # How an in-block reduction on the Segmenter gives every original patch a
-# token for the decoder: 'source', the token that represents the patch now
-# (TokenState.src: the merged token for ToMe, the fused one for EViT's
-# dropped patches, BAT's cluster token, GTP's receiving neighbour); a patch
-# with no source (src -1: EViT without fusion, GTP's orphans with
-# orphan_src 'none') takes the source of the nearest patch (grid distance,
-# ties to the lower index) that has one.
-DENSE = ('source',)
+# token for the decoder (inblock.dense_tokens): 'source' (default), the
+# token that represents the patch now (TokenState.src: the merged token for
+# ToMe, the fused one for EViT's dropped patches, BAT's cluster token, GTP's
+# receiving neighbour); a patch with no source (src -1: EViT without
+# fusion, GTP's orphans with orphan_src 'none') takes the source of the
+# nearest patch (grid distance, ties to the lower index) that has one.
+# 'interpolate': the token of the nearest kept patch (one that is the only
+# patch of its slot), so a region that was fused or merged is filled from
+# its kept neighbours instead of from one summary token.
+DENSE = ('source', 'interpolate')
 AUX_SOURCES = ('aux_heads', 'final_head_on_intermediate')
 EXIT_SUMMARIES = ('none', 'per_class')
+COMPOSE = '+'   # config.pruning.name='<exit>+<reduction>'
+
+
+def parts(name: str) -> Tuple[str, str]:
+  """config.pruning.name -> (policy, reduction): ('lvtp', 'tome') for the
+  composed 'lvtp+tome', (name, '') for a single policy.
+
+  Raises:
+    ValueError: a composed name that is not an exit policy, '+', and an
+      in-block reduction.
+  """
+  if COMPOSE not in name:
+    return name, ''
+  names = name.split(COMPOSE)
+  kinds = [registry.get(n).kind for n in names]
+  if kinds != ['exit', 'reduce'] or names[0] == 'none':
+    exits = [n for n in registry.names()
+             if registry.get(n).kind == 'exit' and n != 'none']
+    reductions = [n for n in registry.names()
+                  if registry.get(n).kind == 'reduce']
+    raise ValueError(
+        f'config.pruning.name={name!r}: a composed policy is one exit policy '
+        f'{exits}, then {COMPOSE!r}, then one in-block reduction '
+        f'{reductions}, e.g. \'lvtp+tome\'.')
+  return names[0], names[1]
+
+
+def kind(name: str) -> str:
+  """'exit', 'reduce' or 'composed' (exit policy + in-block reduction)."""
+  policy, reduction = parts(name)
+  return 'composed' if reduction else registry.get(policy).kind
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -131,6 +177,9 @@ class PruningSpec:
       (Policy.needs_normalization); None otherwise.
     dense: an in-block reduction on the Segmenter: how every patch gets a
       token for the decoder (DENSE).
+    reduction: a composed policy's in-block reduction ('' for none): it
+      runs in the blocks before the first boundary (module docstring).
+    reduction_params: its validated parameters.
   """
   name: str
   mode: str
@@ -144,6 +193,13 @@ class PruningSpec:
   exit_summary: str = 'none'
   normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
   dense: str = 'source'
+  reduction: str = ''
+  reduction_params: Hashable = None
+
+  @property
+  def label(self) -> str:
+    """The config name: 'lvtp+tome' for a composed policy."""
+    return self.name + (COMPOSE + self.reduction if self.reduction else '')
 
   @property
   def num_stages(self) -> int:
@@ -229,7 +285,8 @@ def build_spec(cfg: Optional[Any], model: Any,
     ValueError: naming the bad field and the fix.
   """
   cfg = resolve(cfg)
-  policy = registry.get(cfg.name)
+  name, reduction = parts(cfg.name)
+  policy = registry.get(name)
   if cfg.mode not in MODES:
     raise ValueError(f'config.pruning.mode={cfg.mode!r} is not one of {MODES}.')
   if cfg.overflow not in OVERFLOW_RULES:
@@ -290,10 +347,10 @@ def build_spec(cfg: Optional[Any], model: Any,
     raise ValueError(
         f'config.pruning.capacities={tuple(cfg.capacities)} must not increase '
         'from one stage to the next: exited patches never come back.')
-  block = cfg.get(cfg.name, ml_collections.ConfigDict())
+  block = cfg.get(name, ml_collections.ConfigDict())
   reassemble = policy.reassemble(block)
   if reassemble not in REASSEMBLE:
-    raise ValueError(f'config.pruning.{cfg.name}.reassemble={reassemble!r} is '
+    raise ValueError(f'config.pruning.{name}.reassemble={reassemble!r} is '
                      f'not one of {REASSEMBLE}.')
   if cfg.exit_summary not in EXIT_SUMMARIES:
     raise ValueError(f'config.pruning.exit_summary={cfg.exit_summary!r} is not '
@@ -305,13 +362,52 @@ def build_spec(cfg: Optional[Any], model: Any,
         'image normalisation: pass normalization=dict(mean=..., std=...) '
         '(0..1 units; the prep/data config of the checkpoint) to '
         'lvtp_jax.pruning.attach.')
-  return PruningSpec(
-      name=cfg.name, mode=cfg.mode, aux_source=cfg.aux_source,
+  spec = PruningSpec(
+      name=name, mode=cfg.mode, aux_source=cfg.aux_source,
       boundaries=boundaries, exit_layers=exit_layers, capacities=capacities,
       overflow=cfg.overflow, reassemble=reassemble,
       params=policy.make_params(block, num_stages),
       exit_summary=cfg.exit_summary,
       normalization=normalization if policy.needs_normalization else None)
+  if reduction:
+    spec = dataclasses.replace(
+        spec, reduction=reduction,
+        reduction_params=_composed_reduction(cfg, reduction, boundaries[0],
+                                             model))
+  return spec
+
+
+def _composed_reduction(cfg: ml_collections.ConfigDict, reduction: str,
+                        first_boundary: int, model: Any) -> Hashable:
+  """The validated parameters of a composed policy's reduction, which acts
+  in blocks 1 .. first_boundary - 1 (module docstring)."""
+  policy = registry.get(reduction)
+  base = registry.Policy
+  if (type(policy).init_carry is not base.init_carry
+      or type(policy).attention_transform is not base.attention_transform):
+    raise ValueError(
+        f'config.pruning.name={cfg.name!r}: {reduction!r} carries state from '
+        'block to block (a token graph), which the exit engine does not keep '
+        'across its boundaries; compose an exit policy with a reduction '
+        'without one (e.g. tome, evit, bat).')
+  if first_boundary < 2:
+    raise ValueError(
+        f'config.pruning.name={cfg.name!r}: the reduction acts in the blocks '
+        f'before the first stage boundary, and that is block 1; move the '
+        'first boundary later (config.model.aux_layers, or config.pruning.'
+        'layers) or drop the reduction.')
+  params = policy.make_params(cfg.get(reduction, ml_collections.ConfigDict()),
+                              0)
+  grid = model.img_size // model.patch_size
+  try:
+    inblock.validate_counts(policy, params, model.num_prefix + grid * grid,
+                            model.num_prefix, first_boundary - 1)
+  except ValueError as e:
+    raise ValueError(
+        f'config.pruning.name={cfg.name!r}: the reduction acts in blocks 1-'
+        f'{first_boundary - 1}, before the first stage boundary (block '
+        f'{first_boundary}), and there: {e}') from None
+  return params
 
 
 def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
@@ -319,8 +415,9 @@ def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
   """The spec of an in-block reduction (lvtp_jax/pruning/inblock.py)."""
   if cfg.dense not in DENSE:
     raise ValueError(
-        f'config.pruning.dense={cfg.dense!r} is not one of {DENSE} (the '
-        "issue's 'canvas' and 'interpolate' reassemblies are not built yet).")
+        f'config.pruning.dense={cfg.dense!r} is not one of {DENSE} (a '
+        "'canvas' of auxiliary-head predictions is not built for in-block "
+        'reductions).')
   params = policy.make_params(cfg.get(cfg.name, ml_collections.ConfigDict()),
                               0)
   grid = model.img_size // model.patch_size
@@ -334,16 +431,21 @@ def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
 
 def summary(cfg: Any) -> Dict[str, Any]:
   """What a results row records of config.pruning (JSON-friendly): the
-  mode, the exit-engine fields for exit policies, and the policy's block."""
+  mode, the exit-engine fields for exit policies, and the policy's block
+  (a composed policy's reduction block under the reduction's name)."""
   cfg = resolve(cfg)
   if cfg.name == 'none':
     return {}
+  name, reduction = parts(cfg.name)
   out = dict(mode=cfg.mode)
-  if registry.get(cfg.name).kind == 'exit':
+  if registry.get(name).kind == 'exit':
     out.update(aux_source=cfg.aux_source, layers=list(cfg.layers),
                overflow=cfg.overflow, capacities=list(cfg.capacities))
-  block = cfg.get(cfg.name, ml_collections.ConfigDict())
+  block = cfg.get(name, ml_collections.ConfigDict())
   out.update(json.loads(block.to_json_best_effort()))
+  if reduction:
+    out[reduction] = json.loads(cfg.get(
+        reduction, ml_collections.ConfigDict()).to_json_best_effort())
   return out
 
 

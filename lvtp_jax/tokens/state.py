@@ -17,6 +17,7 @@ from typing import Any, Tuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -247,3 +248,15 @@ def patch_values(values: jax.Array, src: jax.Array,
   out = take_rows(values, jnp.maximum(src, 0))
   mask = (src >= 0).reshape(src.shape + (1,) * (values.ndim - 2))
   return jnp.where(mask, out, fill)
+
+
+def nearest_patch(has: jax.Array, grid: Tuple[int, int]) -> jax.Array:
+  """[B, N] bool -> [B, N] int32: for every patch, the nearest patch with
+  has=True (Euclidean distance on the (h, w) grid, ties to the lower patch
+  index; a patch with has=True is its own nearest). Rows with no such patch
+  give 0."""
+  h, w = grid
+  yx = np.stack(np.divmod(np.arange(h * w), w), axis=1).astype(np.float32)
+  d2 = ((yx[:, None, :] - yx[None, :, :]) ** 2).sum(-1)        # [N, N]
+  d2 = jnp.where(has[:, None, :], jnp.asarray(d2)[None], jnp.inf)
+  return jnp.argmin(d2, axis=-1).astype(jnp.int32)

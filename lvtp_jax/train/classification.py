@@ -63,10 +63,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         'training is not implemented here; evaluate converted timm weights '
         'with configs/deit_imagenet.py).')
   pcfg = pruning.resolve(config.get('pruning'))
-  if pcfg.name != 'none' and pruning.get(pcfg.name).kind != 'reduce':
+  if pcfg.name != 'none' and pruning.kind(pcfg.name) != 'reduce':
     raise ValueError(
-        f'config.pruning.name={pcfg.name!r} is an exit policy for the '
-        'Segmenter; a ViT classifier trains with an in-block reduction '
+        f'config.pruning.name={pcfg.name!r} exits tokens at auxiliary heads '
+        'of the Segmenter; a ViT classifier trains with an in-block reduction '
         f'({[n for n in pruning.names() if pruning.get(n).kind == "reduce"]})'
         ' or none.')
 
