@@ -18,8 +18,14 @@ import pytest
 
 from lvtp_jax import pruning
 from lvtp_jax.models import segmenter as seg_lib
+from lvtp_jax.pruning import bat
 from lvtp_jax.pruning import describe
+from lvtp_jax.pruning import gtp
+from lvtp_jax.pruning import lowlevel
+from lvtp_jax.pruning import lvtp
 from lvtp_jax.pruning import registry
+from lvtp_jax.pruning import spec
+from lvtp_jax.pruning import tsallis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A quoted value ('exit_last', 'MixedAttnMax', ''), not an apostrophe.
@@ -28,6 +34,30 @@ _BACKTICK = re.compile(r'`([^`]*)`')
 _IDENTIFIER = re.compile(r'\b[a-z][a-z0-9]+(?:_[a-z0-9]+)+\b')
 _CONFIG_PATH = re.compile(r'\bconfig\.[a-z0-9_.]*[a-z0-9_]')
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(seg_lib.Segmenter)}
+# Fields that take one of a list of values: the meaning names every value,
+# so a value added to the code without a word here fails.
+_CHOICES = {
+    'mode': spec.MODES, 'overflow': spec.OVERFLOW_RULES,
+    'aux_source': spec.AUX_SOURCES, 'exit_summary': spec.EXIT_SUMMARIES,
+    'dense': spec.DENSE,
+    'dtop.reassemble': spec.REASSEMBLE, 'random.reassemble': spec.REASSEMBLE,
+    'lvtp.reassemble': spec.REASSEMBLE, 'lvtp.clustering': lvtp.CLUSTERINGS,
+    'lvtp.pruned_fill': lvtp.PRUNED_FILL,
+    'lvtp.weighting': tsallis.WEIGHTINGS, 'lvtp.edge_pool': lowlevel.POOLS,
+    'lvtp.edge_color': lowlevel.COLORS, 'lvtp.lowlevel': lowlevel.FEATURES,
+    'bat.cluster_weights': bat.CLUSTER_WEIGHTS,
+    'bat.match_metric': bat.MATCH_METRICS,
+    'gtp.selection': gtp.SELECTIONS, 'gtp.graph_type': gtp.GRAPH_TYPES,
+    'gtp.orphan_src': gtp.ORPHAN_SRC,
+}
+
+
+def _unnamed_choices(path, meaning):
+  """The values of choice field `path` that `meaning` does not name
+  ('XMax' may be written 'XMean/Max')."""
+  return [c for c in _CHOICES.get(path, ())
+          if f"'{c}'" not in meaning and not re.search(rf'\b{c}\b', meaning)
+          and not (c.endswith('Max') and f'{c[:-3]}Mean/Max' in meaning)]
 
 
 def _own_policies():
@@ -79,6 +109,7 @@ def test_every_general_field_has_a_meaning():
   assert not stale, f'describe.GENERAL_HELP explains no-longer fields {stale}'
   for path, meaning in describe.GENERAL_HELP.items():
     assert not _names_unknown_fields(meaning, set()), (path, meaning)
+    assert not _unnamed_choices(path, meaning), (path, meaning)
   assert set(describe.SIGNAL_HELP) == set(registry.SIGNALS)
 
 
@@ -91,6 +122,8 @@ def test_every_policy_field_has_a_meaning(name):
   for path, _, meaning in fields:
     assert meaning.strip(), (f'config.pruning.{name}.{path} has no meaning '
                              f'in {type(policy).__name__}.field_help')
+    missing = _unnamed_choices(f'{name}.{path}', meaning)
+    assert not missing, f'{name}.{path}: the meaning lacks values {missing}'
   stale = set(policy.field_help) - paths
   assert not stale, (f'{type(policy).__name__}.field_help explains fields '
                      f'its config_defaults() lacks: {sorted(stale)}')
@@ -114,6 +147,11 @@ def test_the_checker_catches_unknown_fields():
   assert _names_unknown_fields('with fuse_tokens', own) == ['fuse_tokens']
   assert _names_unknown_fields('config.pruning.tome.q', own) == [
       'config.pruning.tome.q']
+  assert _unnamed_choices('dense', "'source' only") == ['interpolate']
+  assert _unnamed_choices('gtp.graph_type', "'Spatial', Mixed") == [
+      'Semantic']
+  assert 'CLSAttnMax' not in _unnamed_choices('gtp.selection',
+                                              'CLSAttnMean/Max')
 
 
 def test_the_listing(capsys):
@@ -130,7 +168,7 @@ def test_the_listing(capsys):
   assert 'General fields' not in out
   assert describe.main(['--general']) == 0
   out = capsys.readouterr().out
-  assert out.startswith('General fields') and 'tome' not in out
+  assert out.startswith('General fields') and 'config.pruning.tome' not in out
   with pytest.raises(SystemExit):
     describe.main(['no_such_policy'])
   assert 'no_such_policy' in capsys.readouterr().err

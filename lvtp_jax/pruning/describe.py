@@ -27,7 +27,10 @@ from lvtp_jax.pruning import spec as spec_lib
 GENERAL_HELP = {
     'name': "the registry name of the policy that runs: 'none' (the unpruned "
             'model), an exit policy (a Segmenter with auxiliary heads) or an '
-            'in-block reduction (a ViT or a Segmenter); all are listed here.',
+            'in-block reduction (a ViT or a Segmenter), all listed here; or '
+            "'<exit>+<reduction>' (e.g. 'lvtp+tome'): both in one Segmenter "
+            'forward, the reduction in the blocks before the first stage '
+            'boundary, each configured by its own block.',
     'mode': "'masked': the buffer keeps all its slots and a pruned token "
             'only becomes an empty slot (exact reference semantics, no '
             "savings: the oracle the tests compare with); 'buffer': the "
@@ -61,10 +64,11 @@ GENERAL_HELP = {
                     'a key and query with proportional attention and is '
                     'never decoded; ours).',
     'dense': 'in-block reductions on the Segmenter: how every patch gets a '
-             "token for the decoder; 'source' (the only rule built): the "
-             'token that represents it (TokenState.src), or, for a patch no '
-             'token represents, that of the nearest patch on the grid that '
-             'has one (ties: the lower index).',
+             "token for the decoder: 'source', the token that represents it "
+             '(TokenState.src; a patch no token represents takes that of the '
+             "nearest patch that has one), or 'interpolate', the token of the "
+             'nearest kept patch (alone in its slot), so that merged, fused '
+             'or dropped patches are filled from their kept neighbours.',
     'calibrate.images': 'evaluation, exit policies in buffer mode: > 0 '
                         'measures `capacities` instead of taking them, from '
                         'the policy in masked mode on this many images of '
@@ -215,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   names = []
   for name in args.policies:
-    for part in name.split('+'):
+    for part in name.split(spec_lib.COMPOSE):
       if part not in registry.names():
         parser.error(f'{part!r} is not a registered pruning policy; known: '
                      f'{", ".join(registry.names())}.')
