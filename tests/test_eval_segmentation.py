@@ -175,8 +175,15 @@ def test_in_block_reductions_on_the_segmenter_give_rows(data_dir, tmp_path):
       {'eval.name': 'tome', 'pruning.name': 'tome', 'pruning.mode': 'buffer',
        'pruning.tome.r': 3},
       {'eval.name': 'evit', 'pruning.name': 'evit', 'pruning.mode': 'buffer',
-       'pruning.evit.keep_rate': 0.5, 'pruning.evit.layers': (4,)})
-  unpruned, tome, evit = eval_main.run(config, str(tmp_path))['rows']
+       'pruning.evit.keep_rate': 0.5, 'pruning.evit.layers': (4,)},
+      # Composed: ToMe in blocks 1-2, DToP exits after block 3 (the final
+      # head on intermediate tokens: this model has no auxiliary heads).
+      {'eval.name': 'dtop+tome', 'pruning.name': 'dtop+tome',
+       'pruning.mode': 'buffer', 'pruning.tome.r': 3,
+       'pruning.aux_source': 'final_head_on_intermediate',
+       'pruning.layers': (3,), 'pruning.dtop.threshold': 0.0})
+  unpruned, tome, evit, composed = eval_main.run(config,
+                                                 str(tmp_path))['rows']
   model = seg_eval.build_model(config)[0]
   assert tome['tokens_per_block'] == [65.0 - 3 * i for i in range(4)]
   assert tome['mlp_tokens_per_block'] == [62.0 - 3 * i for i in range(4)]
@@ -189,3 +196,10 @@ def test_in_block_reductions_on_the_segmenter_give_rows(data_dir, tmp_path):
     assert row['dense'] == 'source' and 0 <= row['miou'] <= 100
     assert row['speedup'] > 0 and row['realized_flops_ratio'] > 1
   assert evit['mlp_tokens_per_block'][3] == 1 + 32 + 1   # 64 -> 32 + fused
+  assert composed['policy'] == 'dtop+tome'
+  assert composed['params']['tome']['r'] == 3
+  assert composed['tokens_per_block'][:3] == [65.0, 62.0, 59.0]
+  assert composed['tokens_per_block'][3] < 59.0      # exits after block 3
+  assert composed['mlp_tokens_per_block'][:2] == [62.0, 59.0]
+  assert composed['overflow_tokens'] == 0 and composed['speedup'] > 0
+  assert composed['gflops_effective'] < tome['gflops_effective']

@@ -88,10 +88,10 @@ class ForwardStats:
     """Adds the forwards `rows` (bool [n]) of one batch's aux outputs."""
     if 'tokens_per_block' in aux:
       self.tokens_per_block.append(np.asarray(aux['tokens_per_block'])[rows])
-      if 'mlp_tokens_per_block' in aux:   # an in-block reduction
+      if 'mlp_tokens_per_block' in aux:   # an in-block reduction ran
         self.mlp_tokens_per_block.append(
             np.asarray(aux['mlp_tokens_per_block'])[rows])
-      else:
+      if 'overflow' in aux:               # an exit policy ran
         self.overflow.append(np.asarray(aux['overflow'])[rows])
     else:  # the unpruned model: every patch in every block
       self.tokens_per_block.append(
@@ -120,9 +120,12 @@ class ForwardStats:
     return np.concatenate(self.overflow) if self.overflow else None
 
 
-def forward_fn(model, params) -> Callable[[jax.Array], Tuple[jax.Array, Any]]:
-  """jitted images -> (logits [n, H, W, C], aux) for a Segmenter."""
-  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x, return_aux=True))
+def forward_fn(model, params, labels: bool = False
+               ) -> Callable[[jax.Array], Tuple[jax.Array, Any]]:
+  """jitted images -> (logits [n, H, W, C], aux) for a Segmenter; with
+  labels=True the class map [n, H, W] instead of the logits."""
+  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x, return_aux=True,
+                                         labels=labels))
   return lambda x: fwd(params, x)
 
 
@@ -141,8 +144,8 @@ def _whole(fwd, source, cfg, mean, std, metrics, num, stats, desc,
       short_size=ecfg.short_size or None, long_max=ecfg.long_max or None)
   images = None
   for batch in _progress(batches, -(-num // cfg.data.batch_size), cfg, desc):
-    logits, aux = fwd(batch['image'])
-    pred = np.asarray(jnp.argmax(logits, axis=-1))
+    out, aux = fwd(batch['image'])    # labels [n, H, W] or logits
+    pred = np.asarray(out if out.ndim == 3 else jnp.argmax(out, axis=-1))
     pixel_mask = batch['pixel_mask'] & batch['mask'][:, None, None]
     metrics.update(pred, batch['segmentation'], mask=pixel_mask)
     rows = np.asarray(batch['mask'])
@@ -210,7 +213,7 @@ def run_split(config: ml_collections.ConfigDict, model, params,
     desc: progress-bar label.
     baseline: forward_fn of the unpruned model, for the token accuracies
       ('whole' mode).
-    forward: images -> (logits, aux) to score instead of
+    forward: images -> (logits or labels, aux) to score instead of
       forward_fn(model, params) (lvtp_jax.evaluation.loss_split).
     per_image: the metric dict also holds 'image_confusion' and
       'image_boundary_confusion', int64 [images, C, C] each
@@ -244,7 +247,10 @@ def run_split(config: ml_collections.ConfigDict, model, params,
       boundary_width=config.eval.boundary_width or None, per_image=per_image)
   stats = ForwardStats(num_prefix=model.num_prefix, max_maps=max_maps)
   run = _whole if config.eval.mode == 'whole' else _slide
-  fwd = forward or forward_fn(model, params)
+  # Whole images need labels only (the upsampling fuses with the argmax);
+  # sliding windows average probabilities, so they need the logits.
+  fwd = forward or forward_fn(model, params,
+                              labels=config.eval.mode == 'whole')
   images, windows_per_image = run(fwd, source, config,
                                   mean, std, metrics, num, stats, desc,
                                   baseline, model.patch_size)

@@ -13,7 +13,10 @@ Two inference modes (config.eval.mode):
 FLOPs and throughput are per image. In 'whole' mode an image is one forward
 at size x size; in 'slide' mode it is the average number of windows per image
 times one window forward. images_per_second is measured on a batch of
-forwards at that shape (size, or window) and divided by the windows per image.
+forwards at that shape (size, or window) and divided by the windows per image;
+the timed forward returns the label map (Segmenter labels=True: the
+upsampling fuses with the argmax), gflops_realized counts the forward that
+returns logits.
 
 config.pruning (lvtp_jax.pruning) is attached per setting; pruning decisions
 are made per forward (per window in 'slide' mode). A row (DESIGN §3) holds
@@ -183,6 +186,8 @@ class _Baseline:
 
   def __init__(self, model):
     self.apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    self.labels = jax.jit(lambda p, x: model.apply({'params': p}, x,
+                                                   labels=True))
     self.forward = jax.jit(lambda p, x: model.apply({'params': p}, x,
                                                     return_aux=True))
     self._realized = {}
@@ -283,9 +288,12 @@ def evaluate_model(config: ml_collections.ConfigDict,
   forward_hw = tuple(images.shape[1:3])
   realized = flops.realized_gflops(apply, params, images, batch_size=batch)
   tokens = stats.tokens()                                  # [F, depth]
-  fns = dict(model=apply)
+  # Timed: the forward that returns labels (what evaluation needs), so
+  # the shared full-resolution tail is not paid as logits.
+  fns = dict(model=jax.jit(lambda p, x: pruned.apply({'params': p}, x,
+                                                     labels=True)))
   if spec is not None:
-    fns['unpruned'] = baseline.apply
+    fns['unpruned'] = baseline.labels
   ips = speed.compare_images_per_second(
       fns, params, images, batch_size=batch, warmup=config.eval.warmup,
       iters=config.eval.timing_iters, rounds=config.eval.timing_rounds)

@@ -209,8 +209,14 @@ class Segmenter(nn.Module):
     return token_logits, aux
 
   def __call__(self, images: jax.Array, *, train: bool = False,
-               return_aux: bool = False):
+               return_aux: bool = False, labels: bool = False):
     """images [B, H, W, 3] -> logits [B, H, W, C] (and aux if return_aux).
+
+    labels=True returns the int32 class map [B, H, W] (the argmax of those
+    logits) instead: under jit the upsampling fuses with the argmax and the
+    full-resolution logits are never written, which is what a caller that
+    only needs labels (whole-image evaluation, the timed forwards) should
+    pay.
 
     aux: 'token_logits' [B, N, C] final per-token logits (before upsampling),
     'aux_logits' {k: [B, N, C]} per auxiliary head (after block k),
@@ -232,13 +238,14 @@ class Segmenter(nn.Module):
     p = self.patch_size
     pad_h, pad_w = -h % p, -w % p
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    tail = lambda t: dense_output(t, p, (h, w), labels)
     if self.pruning is not None and pruning_inblock.is_reduction(self.pruning):
       token_logits, aux = self._reduced_forward(x, train)
-      logits = upsample_cropped(token_logits, p, (h, w))
+      logits = tail(token_logits)
       return (logits, aux) if return_aux else logits
     if self.pruning is not None:
       token_logits, grid, aux = pruning_engine.forward(self, x, train)
-      logits = upsample_cropped(token_logits, p, (h, w))
+      logits = tail(token_logits)
       if not return_aux:
         return logits
       aux.update(token_logits=token_logits, grid=jnp.asarray(grid, jnp.int32))
@@ -254,7 +261,7 @@ class Segmenter(nn.Module):
             state.x[:, self.num_prefix:], train)
     tokens = self.encoder.norm(state.x)[:, self.num_prefix:]
     token_logits = self.decode_head(tokens, train)
-    logits = upsample_cropped(token_logits, p, (h, w))
+    logits = tail(token_logits)
     if not return_aux:
       return logits
     aux = dict(token_logits=token_logits, aux_logits=aux_logits,
@@ -318,6 +325,14 @@ def upsample(token_logits: jax.Array, grid: Sequence[int],
   b, _, c = token_logits.shape
   grid_logits = token_logits.reshape(b, grid[0], grid[1], c)
   return bilinear_resize(grid_logits, size)
+
+
+def dense_output(token_logits: jax.Array, patch_size: int,
+                 size: Sequence[int], labels: bool) -> jax.Array:
+  """The Segmenter's tail: upsample_cropped logits [B, h, w, C], or with
+  labels=True their argmax [B, h, w] int32."""
+  logits = upsample_cropped(token_logits, patch_size, size)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32) if labels else logits
 
 
 def upsample_cropped(token_logits: jax.Array, patch_size: int,
