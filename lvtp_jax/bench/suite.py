@@ -47,7 +47,7 @@ it, naming them; the group running at that moment finishes, so a full run
 ends within about 8 minutes.
 
 On the lent H200 (jax 0.11.2, no ml_collections there; its wheel travels in
-.whl, README "GPU and TPU"):
+.whl, docs/benchmarks.md "GPU and TPU"):
   python3 -m pip install -q --no-index --no-deps --target /tmp/site \
       .whl/*.whl && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 \
       python3 -m lvtp_jax.bench.suite --out $OUT

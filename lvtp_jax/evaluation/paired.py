@@ -22,7 +22,7 @@ the ground-truth pixel counts of every image must agree).
 What the interval covers: which images the evaluation happened to draw. It
 does not cover training variance (another seed of the same recipe, or the
 same seed trained on another CPU), which moves the quickstart's mIoU by
-0.3-1.0 (README); compare across models for that.
+0.3-1.0 (docs/quickstart_seg.md); compare across models for that.
 """
 
 import json

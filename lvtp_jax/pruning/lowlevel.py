@@ -21,7 +21,8 @@ inference) from the un-normalised RGB image in [0, 1]:
 The coarse colour score (color='rgb', scale=4) exists because textures
 with strong fine-scale edges inside one class (grass blades, waves, brick
 mortar) dominate the spec's luma score, while class boundaries are mostly
-colour steps that survive block averaging (README, "Edge score").
+colour steps that survive block averaging (docs/quickstart_seg.md, "The edge
+score").
 
 Every function is static-shape and batch-first; patch n is at row n // w,
 column n % w of the patch grid, the encoder's token order.

@@ -12,7 +12,8 @@ Loss = pixel cross-entropy of the final logits (ignore 255)
           size, exactly as the final one, and pixel cross-entropy: the
           official DToP rule (its heads' mask losses are on masks upsampled
           to label size); on the quickstart model every pruning policy
-          loses 0.4-0.8 mIoU less with it than with 'token' (README);
+          loses 0.4-0.8 mIoU less with it than with 'token'
+          (docs/quickstart_seg.md);
   'token' cross-entropy of the head's per-token logits against the majority
           label of each patch (lvtp_jax.train.losses.token_targets).
 Drop-path draws from
