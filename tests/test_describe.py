@@ -39,7 +39,7 @@ _MODEL_FIELDS = {f.name for f in dataclasses.fields(seg_lib.Segmenter)}
 _CHOICES = {
     'mode': spec.MODES, 'overflow': spec.OVERFLOW_RULES,
     'aux_source': spec.AUX_SOURCES, 'exit_summary': spec.EXIT_SUMMARIES,
-    'dense': spec.DENSE,
+    'dense': spec.DENSE, 'decode': spec.DECODE,
     'dtop.reassemble': spec.REASSEMBLE, 'random.reassemble': spec.REASSEMBLE,
     'lvtp.reassemble': spec.REASSEMBLE, 'lvtp.clustering': lvtp.CLUSTERINGS,
     'lvtp.pruned_fill': lvtp.PRUNED_FILL,

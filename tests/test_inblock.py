@@ -296,6 +296,24 @@ def _final_tokens(model, params, state):
                      method=lambda m, x: m.encoder.norm(x))
 
 
+@pytest.mark.parametrize('cfg', [
+    dict(_SEG_POLICIES[2], mode='masked'),
+    dict(_SEG_POLICIES[0], mode='buffer'),
+    dict(_SEG_POLICIES[1], mode='buffer', dense='interpolate'),
+], ids=str)
+def test_decoding_the_reduced_slots_equals_decoding_the_grid(cfg):
+  """The mask transformer on the final slots, each with log(patches it
+  decodes for) on its attention logits, gives the logits of decoding the
+  grid of copies."""
+  model = tiny.model(decoder='mask_transformer', **_SEG)
+  params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
+  x = np.asarray(tiny.images(7, batch=2)).repeat(2, axis=1).repeat(2, axis=2)
+  grid = pruning.attach(model, cfg).apply({'params': params}, x)
+  reduced = pruning.attach(model, dict(cfg, decode='reduced')).apply(
+      {'params': params}, x)
+  np.testing.assert_allclose(reduced, grid, rtol=0, atol=2e-5)
+
+
 def test_a_reduction_that_keeps_everything_is_the_unpruned_segmenter():
   model = tiny.model(**_SEG)
   params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)

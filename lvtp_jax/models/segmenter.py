@@ -50,9 +50,9 @@ class LinearDecoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False, valid=None):
+  def __call__(self, x, train: bool = False, valid=None, size=None):
     """x [B, N, D] patch tokens -> [B, N, C] logits (per token)."""
-    del train, valid
+    del train, valid, size
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
@@ -74,10 +74,13 @@ class MaskTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False, valid=None):
+  def __call__(self, x, train: bool = False, valid=None, size=None):
     """x [B, N, D_enc] patch tokens -> [B, N, C] mask logits.
 
     valid: optional [B, N] bool; invalid patches are masked as keys.
+    size: optional [B, N] float32, the patches each token stands for: log
+      size is added to its attention logits as a key (proportional
+      attention), so a token of size m acts as m copies of it.
     """
     b, n, _ = x.shape
     c, d = self.num_classes, self.width
@@ -90,11 +93,15 @@ class MaskTransformer(nn.Module):
     if valid is not None:
       state = state.replace(valid=jnp.concatenate(
           [valid, jnp.ones((b, c), bool)], axis=1))
+    if size is not None:
+      state = state.replace(size=jnp.concatenate(
+          [size.astype(jnp.float32), jnp.ones((b, c), jnp.float32)], axis=1))
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       state, _ = vit_lib.Block(heads, 4 * d, self.ln_eps, rate,
                                dtype=self.dtype, name=f'blocks_{i}')(
                                    state, masked=valid is not None,
+                                   proportional=size is not None,
                                    train=train)
     x = _layer_norm(self.ln_eps, self.dtype, 'decoder_norm')(state.x)
     init = nn.initializers.normal(d ** -0.5)
@@ -194,13 +201,22 @@ class Segmenter(nn.Module):
     lvtp_jax/pruning/inblock.py), then every patch's token by the spec's
     dense rule (inblock.dense_tokens) through the decoder on the full grid.
     The auxiliary heads do not run (nothing exits at them)."""
-    state, stats = pruning_inblock.forward(self.encoder, self.pruning, x,
-                                           train)
+    spec = self.pruning
+    state, stats = pruning_inblock.forward(self.encoder, spec, x, train)
     p = self.patch_size
     grid = (x.shape[1] // p, x.shape[2] // p)
-    tokens = pruning_inblock.dense_tokens(self.encoder.norm(state.x),
-                                          state.src, grid, self.pruning.dense)
-    token_logits = self.decode_head(tokens, train)
+    tokens = self.encoder.norm(state.x)
+    slot = pruning_inblock.dense_source(state.src, grid, state.capacity,
+                                        spec.dense)
+    if spec.decode == 'reduced':
+      # The slots, each weighted by the patches that decode from it.
+      q = self.num_prefix
+      held = pruning_inblock.patches_per_slot(slot, state.capacity)[:, q:]
+      slot_logits = self.decode_head(tokens[:, q:], train, valid=held > 0,
+                                     size=held)
+      token_logits = ts.take_rows(slot_logits, jnp.maximum(slot - q, 0))
+    else:
+      token_logits = self.decode_head(ts.take_rows(tokens, slot), train)
     aux = dict(token_logits=token_logits, aux_logits={},
                grid=jnp.asarray(grid, jnp.int32), state=state,
                valid_tokens=stats['valid_tokens'],

@@ -69,6 +69,11 @@ GENERAL_HELP = {
              "nearest patch that has one), or 'interpolate', the token of the "
              'nearest kept patch (alone in its slot), so that merged, fused '
              'or dropped patches are filled from their kept neighbours.',
+    'decode': "in-block reductions on the Segmenter: 'grid', the decoder "
+              'runs on one token per patch (`dense`), or \'reduced\', on the '
+              'final slots with proportional attention for the patches each '
+              'decodes for, its logits then copied to them; both give the '
+              'same logits, reduced is cheaper for the mask transformer.',
     'calibrate.images': 'evaluation, exit policies in buffer mode: > 0 '
                         'measures `capacities` instead of taking them, from '
                         'the policy in masked mode on this many images of '

@@ -134,39 +134,51 @@ def forward(model: Any, spec: Any, images: jax.Array, train: bool
                      mlp_tokens=jnp.stack(mlp, axis=1), state=state)
 
 
-def dense_tokens(tokens: jax.Array, src: jax.Array, grid: Tuple[int, int],
+def dense_source(src: jax.Array, grid: Tuple[int, int], num_slots: int,
                  rule: str = 'source') -> jax.Array:
-  """Every original patch's token after an in-block reduction: the
-  Segmenter's dense reassembly (spec.DENSE).
+  """The slot whose token every original patch decodes from after an
+  in-block reduction: the Segmenter's dense reassembly (spec.DENSE).
 
   Args:
-    tokens: [B, K, D] the final buffer (prefix included).
     src: [B, N] the slot that represents each patch (TokenState.src), -1
       for a patch no slot represents.
     grid: the (h, w) patch grid, h w = N.
-    rule: 'source': tokens[src]; a patch with src -1 takes the source of
-      the nearest patch that has one. 'interpolate': a patch that is the
-      only one its slot stands for (a kept patch) takes its own token;
-      every other patch (merged, fused, clustered, propagated, dropped)
-      the token of the nearest kept patch; an image with no kept patch
-      falls back to 'source'. Nearest: Euclidean grid distance, ties to
-      the lower patch index.
+    num_slots: K, the slots of the final buffer (prefix included).
+    rule: 'source': src; a patch with src -1 takes the source of the
+      nearest patch that has one. 'interpolate': a patch that is the only
+      one its slot stands for (a kept patch) takes its own slot; every
+      other patch (merged, fused, clustered, propagated, dropped) the slot
+      of the nearest kept patch; an image with no kept patch falls back to
+      'source'. Nearest: Euclidean grid distance, ties to the lower patch
+      index.
 
   Returns:
-    [B, N, D].
+    [B, N] int32 slot indices in [0, K).
   """
   has = src >= 0
   src = jnp.where(has, src, jnp.take_along_axis(
       src, ts.nearest_patch(has, grid), axis=1))
   if rule == 'interpolate':
-    # Patches per slot, by compare-and-sum (scatters are slow on CPU).
-    slots = jnp.arange(tokens.shape[1], dtype=src.dtype)
-    held = ((src[:, :, None] == slots) & has[:, :, None]).sum(axis=1)
+    held = patches_per_slot(jnp.where(has, src, -1), num_slots)
     kept = has & (jnp.take_along_axis(held, jnp.maximum(src, 0), axis=1)
                   == 1)
     near = jnp.take_along_axis(src, ts.nearest_patch(kept, grid), axis=1)
     src = jnp.where(kept.any(axis=1, keepdims=True), near, src)
-  return ts.take_rows(tokens, jnp.maximum(src, 0))
+  return jnp.maximum(src, 0).astype(jnp.int32)
+
+
+def patches_per_slot(src: jax.Array, num_slots: int) -> jax.Array:
+  """[B, N] slot of each patch (-1: none) -> [B, K] int32 patches per slot
+  (a compare-and-sum: scatters are slow on CPU)."""
+  slots = jnp.arange(num_slots, dtype=src.dtype)
+  return (src[:, :, None] == slots).sum(axis=1, dtype=jnp.int32)
+
+
+def dense_tokens(tokens: jax.Array, src: jax.Array, grid: Tuple[int, int],
+                 rule: str = 'source') -> jax.Array:
+  """[B, K, D] final buffer -> [B, N, D]: every patch's token by the dense
+  rule (dense_source)."""
+  return ts.take_rows(tokens, dense_source(src, grid, tokens.shape[1], rule))
 
 
 def is_reduction(spec: Any) -> bool:

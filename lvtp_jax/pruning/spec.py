@@ -101,6 +101,15 @@ REASSEMBLE = ('logits', 'frozen', 'interpolate')
 # patch of its slot), so a region that was fused or merged is filled from
 # its kept neighbours instead of from one summary token.
 DENSE = ('source', 'interpolate')
+# What the Segmenter's decoder runs on after an in-block reduction:
+# 'grid' (default), the N tokens of the dense rule (one per patch, copies of
+# the slot tokens); 'reduced', the slots themselves, each with proportional
+# attention for the number of patches the dense rule gives it (slots no
+# patch takes are masked), and the slot logits then copied to the patches.
+# A copy of a token m times and one token with log m on its attention
+# logits attend and are attended to alike, so both decode the same logits
+# (tested); 'reduced' is cheaper for the mask transformer.
+DECODE = ('grid', 'reduced')
 AUX_SOURCES = ('aux_heads', 'final_head_on_intermediate')
 EXIT_SUMMARIES = ('none', 'per_class')
 COMPOSE = '+'   # config.pruning.name='<exit>+<reduction>'
@@ -147,6 +156,7 @@ def config_defaults() -> ml_collections.ConfigDict:
   cfg.overflow = 'exit_confident'
   cfg.exit_summary = 'none'
   cfg.dense = 'source'         # DENSE: in-block reductions on the Segmenter
+  cfg.decode = 'grid'          # DECODE: ... and what the decoder runs on
   cfg.calibrate = ml_collections.ConfigDict(dict(
       images=0, quantile=1.0, split='train'))
   for name in registry.names():
@@ -177,6 +187,8 @@ class PruningSpec:
       (Policy.needs_normalization); None otherwise.
     dense: an in-block reduction on the Segmenter: how every patch gets a
       token for the decoder (DENSE).
+    decode: ... and whether the decoder runs on the patch grid or on the
+      reduced slots (DECODE).
     reduction: a composed policy's in-block reduction ('' for none): it
       runs in the blocks before the first boundary (module docstring).
     reduction_params: its validated parameters.
@@ -193,6 +205,7 @@ class PruningSpec:
   exit_summary: str = 'none'
   normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
   dense: str = 'source'
+  decode: str = 'grid'
   reduction: str = ''
   reduction_params: Hashable = None
 
@@ -418,6 +431,9 @@ def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
         f'config.pruning.dense={cfg.dense!r} is not one of {DENSE} (a '
         "'canvas' of auxiliary-head predictions is not built for in-block "
         'reductions).')
+  if cfg.decode not in DECODE:
+    raise ValueError(f'config.pruning.decode={cfg.decode!r} is not one of '
+                     f'{DECODE}.')
   params = policy.make_params(cfg.get(cfg.name, ml_collections.ConfigDict()),
                               0)
   grid = model.img_size // model.patch_size
@@ -426,7 +442,8 @@ def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
   return PruningSpec(
       name=cfg.name, mode=cfg.mode, aux_source=cfg.aux_source, boundaries=(),
       exit_layers=(), capacities=(), overflow=cfg.overflow,
-      reassemble='logits', params=params, dense=cfg.dense)
+      reassemble='logits', params=params, dense=cfg.dense,
+      decode=cfg.decode)
 
 
 def summary(cfg: Any) -> Dict[str, Any]:
