@@ -14,7 +14,7 @@ import torch
 from lvtp_jax import pruning
 from lvtp_jax.convert import from_timm
 from lvtp_jax.models import vit as vit_lib
-from lvtp_jax.pruning import bat
+from lvtp_jax.pruning.policies import bat
 from tests import test_convert_timm as timm_parity
 from tests import test_inblock
 from tests import tiny_segmenter as tiny

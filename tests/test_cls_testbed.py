@@ -127,7 +127,7 @@ def test_random_drop_has_evits_counts_and_averages_the_dropped_tokens():
 
 
 def test_random_drop_fuses_the_mean_of_the_dropped_tokens():
-  from lvtp_jax.pruning import random_drop  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.pruning.policies import random_drop  # pylint: disable=g-import-not-at-top
   from lvtp_jax.pruning import registry  # pylint: disable=g-import-not-at-top
   from lvtp_jax.tokens import state as ts  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -18,14 +18,14 @@ import pytest
 
 from lvtp_jax import pruning
 from lvtp_jax.models import segmenter as seg_lib
-from lvtp_jax.pruning import bat
 from lvtp_jax.pruning import describe
-from lvtp_jax.pruning import gtp
-from lvtp_jax.pruning import lowlevel
-from lvtp_jax.pruning import lvtp
 from lvtp_jax.pruning import registry
 from lvtp_jax.pruning import spec
-from lvtp_jax.pruning import tsallis
+from lvtp_jax.pruning.policies import bat
+from lvtp_jax.pruning.policies import gtp
+from lvtp_jax.pruning.policies import lvtp
+from lvtp_jax.pruning.policies.lvtp import lowlevel
+from lvtp_jax.pruning.policies.lvtp import tsallis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A quoted value ('exit_last', 'MixedAttnMax', ''), not an apostrophe.

@@ -24,7 +24,7 @@ import torch
 from lvtp_jax import pruning
 from lvtp_jax.convert import from_timm
 from lvtp_jax.models import vit as vit_lib
-from lvtp_jax.pruning import gtp
+from lvtp_jax.pruning.policies import gtp
 from lvtp_jax.tokens import state as ts
 from tests import test_convert_timm as timm_parity
 from tests import test_inblock

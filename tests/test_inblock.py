@@ -17,8 +17,8 @@ from lvtp_jax import pruning
 from lvtp_jax.convert import from_timm
 from lvtp_jax.measure import flops
 from lvtp_jax.models import vit as vit_lib
-from lvtp_jax.pruning import evit
-from lvtp_jax.pruning import tome
+from lvtp_jax.pruning.policies import evit
+from lvtp_jax.pruning.policies import tome
 from tests import test_convert_timm as timm_parity
 from tests import tiny_segmenter as tiny
 from tests import torch_token_reduction as ref

@@ -16,12 +16,12 @@ from scipy import ndimage
 
 from lvtp_jax import pruning
 from lvtp_jax.models import segmenter as seg_lib
-from lvtp_jax.pruning import kmeans
-from lvtp_jax.pruning import lowlevel
-from lvtp_jax.pruning import lvtp
 from lvtp_jax.pruning import ranking
 from lvtp_jax.pruning import registry
-from lvtp_jax.pruning import tsallis
+from lvtp_jax.pruning.policies import lvtp
+from lvtp_jax.pruning.policies.lvtp import kmeans
+from lvtp_jax.pruning.policies.lvtp import lowlevel
+from lvtp_jax.pruning.policies.lvtp import tsallis
 from tests import tiny_segmenter as tiny
 
 NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

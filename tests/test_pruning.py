@@ -24,11 +24,11 @@ import pytest
 from lvtp_jax import pruning
 from lvtp_jax.measure import flops
 from lvtp_jax.models import segmenter as seg_lib
-from lvtp_jax.pruning import dtop
 from lvtp_jax.pruning import engine
-from lvtp_jax.pruning import random_exit
 from lvtp_jax.pruning import ranking
 from lvtp_jax.pruning import registry
+from lvtp_jax.pruning.policies import dtop
+from lvtp_jax.pruning.policies import random_exit
 from lvtp_jax.tokens import state as ts
 from tests import tiny_segmenter as tiny
 

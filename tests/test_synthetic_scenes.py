@@ -94,7 +94,7 @@ def test_edge_statistics_match_a_direct_count():
   assert 0 <= out['auc'] <= 1 and 0 <= out['top30_single'] <= 1
   # The AUC is the probability that a multi-class patch outscores a
   # single-class one: count the pairs directly (scipy-free reference).
-  from lvtp_jax.pruning import lowlevel  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.pruning.policies.lvtp import lowlevel  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   scores, multi = [], []
   for i in range(3):
@@ -113,7 +113,7 @@ def test_edge_statistics_match_a_direct_count():
 
 
 def test_edge_statistics_pass_the_split_and_score_options():
-  from lvtp_jax.pruning import lowlevel  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.pruning.policies.lvtp import lowlevel  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   out = synthetic_scenes.edge_statistics(2, 'selection', pool='max',
                                          color='rgb', scale=4)

@@ -2,7 +2,7 @@
 
 BAT has no official code: `bat` restates the reconstruction of spec §4.2,
 one image at a time with plain loops, independently of lvtp_jax/pruning/
-bat.py. EViT and ToMe are
+policies/bat.py. EViT and ToMe are
 written here from ../shared/specs/classification_policies.md §2 and §3 and
 the behaviour of the official code (youweiliang/evit `evit.py`,
 facebookresearch/ToMe `tome/merge.py`, `tome/patch/timm.py`), which these

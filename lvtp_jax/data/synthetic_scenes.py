@@ -214,15 +214,15 @@ def edge_statistics(count: int, split: str = 'validation',
   """How well LVTP-R's per-patch Sobel edge score finds boundary patches.
 
   Over the first `count` images of `split`: the score of
-  lvtp_jax.pruning.lowlevel.edge_scores (luma or colour Sobel magnitude at
-  block scale `scale`, `pool` per patch, per-image min-max) against whether
-  the patch holds more than one class. Returns dict(auc (ROC AUC of the
-  score for multi-class patches), mean_single / mean_multi (mean score of
-  single- and multi-class patches), top30_single (share of single-class
-  patches among the 30% highest-scoring ones)).
+  lvtp_jax.pruning.policies.lvtp.lowlevel.edge_scores (luma or colour Sobel
+  magnitude at block scale `scale`, `pool` per patch, per-image min-max)
+  against whether the patch holds more than one class. Returns dict(auc
+  (ROC AUC of the score for multi-class patches), mean_single /
+  mean_multi (mean score of single- and multi-class patches), top30_single
+  (share of single-class patches among the 30% highest-scoring ones)).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lvtp_jax.pruning import lowlevel  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.pruning.policies.lvtp import lowlevel  # pylint: disable=g-import-not-at-top
   scores, multi = [], []
   for i in range(count):
     image, label = generate_example(split, i)

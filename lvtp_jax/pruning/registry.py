@@ -6,9 +6,9 @@ model computes nothing unused, and decides with pure functions of arrays:
 no Python control flow on traced values, ties broken by slot index (which is
 original patch order, because buffers keep their tokens in that order).
 
-Adding a policy is one new module in lvtp_jax/pruning/ with a `Policy`
-subclass and a `register(...)` call at its bottom, plus its import in
-lvtp_jax/pruning/__init__.py.
+Adding a policy is one new module in lvtp_jax/pruning/policies/ with a
+`Policy` subclass and a `register(...)` call at its bottom, plus its import
+in lvtp_jax/pruning/policies/__init__.py (docs/extending.md).
 
 Signals a policy can declare (SIGNALS):
   'aux_logits'  [B, Kp, C] float32 logits of the auxiliary head at the

@@ -33,9 +33,9 @@ class TokenState:
     src: [B, N] int32; slot index of every original patch, or -1.
     carry: state an in-block reduction keeps from block to block (a pytree,
       or None), indexed like the valid non-prefix slots in buffer order;
-      GTP's graph (lvtp_jax/pruning/gtp.py). Functions here pass it on
-      unchanged; the in-block path moves slots only with `compact`, which
-      keeps their order, so it stays aligned.
+      GTP's graph (lvtp_jax/pruning/policies/gtp.py). Functions here pass
+      it on unchanged; the in-block path moves slots only with `compact`,
+      which keeps their order, so it stays aligned.
   """
   x: jax.Array
   valid: jax.Array

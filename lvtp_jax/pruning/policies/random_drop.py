@@ -2,7 +2,7 @@
 random choice of the tokens kept.
 
 config.pruning.random_drop: keep_rate, layers (1-based) and fuse_token, as
-EViT's (lvtp_jax/pruning/evit.py), so a row here and an EViT row at the same
+EViT's (evit.py), so a row here and an EViT row at the same
 keep rate run on the same number of tokens in every block. In each listed
 block the kept non-prefix tokens are drawn uniformly without replacement
 (the k largest of uniform draws from jax.random.PRNGKey(seed) folded with
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lvtp_jax.pruning import evit
 from lvtp_jax.pruning import registry
+from lvtp_jax.pruning.policies import evit
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ MLP, on the n non-prefix tokens y:
            min(ceil(cluster_ratio M), M) clusters, each one token, the
            `cluster_weights`-weighted mean of its members (default: their
            CLS attention a_j, spec §4.2);
-  match    ToMe's bipartite soft matching (lvtp_jax.pruning.tome.merge) on
+  match    ToMe's bipartite soft matching (tome.py's merge) on
            [prefix, attentive], merging r = min(c, K // 2) pairs, on
            `match_metric` ('keys': the block's head-mean keys, as ToMe;
            'x': the tokens), size-weighted;
@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lvtp_jax.pruning import evit
 from lvtp_jax.pruning import registry
-from lvtp_jax.pruning import tome
+from lvtp_jax.pruning.policies import evit
+from lvtp_jax.pruning.policies import tome
 from lvtp_jax.tokens import state as ts
 
 CLUSTER_WEIGHTS = ('cls_attn', 'uniform')

@@ -53,12 +53,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lvtp_jax.pruning import dtop
-from lvtp_jax.pruning import kmeans
-from lvtp_jax.pruning import lowlevel
 from lvtp_jax.pruning import registry
 from lvtp_jax.pruning import spec as spec_lib
-from lvtp_jax.pruning import tsallis
+from lvtp_jax.pruning.policies import dtop
+from lvtp_jax.pruning.policies.lvtp import kmeans
+from lvtp_jax.pruning.policies.lvtp import lowlevel
+from lvtp_jax.pruning.policies.lvtp import tsallis
 from lvtp_jax.tokens import state as ts
 
 CLUSTERINGS = ('sequential', 'per_class', 'joint')

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lvtp_jax.pruning import dtop
 from lvtp_jax.pruning import registry
 from lvtp_jax.pruning import spec as spec_lib
+from lvtp_jax.pruning.policies import dtop
 
 
 @dataclasses.dataclass(frozen=True)
