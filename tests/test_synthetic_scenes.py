@@ -53,6 +53,27 @@ def test_difficulty_knob_adds_hard_patches():
   assert hard > easy
 
 
+def test_plain_shapes_are_large_and_flat():
+  """The 'shapes' config: every image has a large disk, blob or triangle,
+  filled flat (only the smooth illumination varies inside), while the
+  textured ones vary sharply (stripes, spots, shading)."""
+  shapes = (gen.DISK, gen.BLOB, gen.TRIANGLE)
+  steps = {}
+  for plain in (False, True):
+    grads = []
+    for i in range(12):
+      img, lab = gen.generate_example('validation', i, difficulty=0.0,
+                                      plain_shapes=plain)
+      inside = np.isin(lab, shapes)
+      if plain:
+        assert inside.sum() >= 300, i          # radius >= 12 px
+      core = ndimage.binary_erosion(inside, np.ones((5, 5)))[:, 1:]
+      dx = np.abs(np.diff(img.astype(np.float32), axis=1)).max(axis=-1)
+      grads.append(dx[core])
+    steps[plain] = float(np.mean(np.concatenate(grads)))
+  assert steps[True] < 1.5 < 3.0 < steps[False], steps
+
+
 def test_prepared_tiny_dataset_equals_the_generator(tmp_path):
   synthetic_scenes.prepare(str(tmp_path), config='tiny')
   source = tfds.data_source('synthetic_scenes/tiny', split='validation',

@@ -80,15 +80,20 @@ class _Canvas:
     rng: the example's generator; every random draw goes through it.
     size: side S of the square image in pixels.
     difficulty: the difficulty knob (>= 0).
+    plain_shapes: disks, blobs and triangles are filled with their flat
+      colour (no shading, spots or stripes), so only their outline tells
+      them apart.
     yy, xx: float64 [S, S] pixel-centre coordinates (row, column).
     image: float64 [S, S, 3] RGB, nominally in [0, 1].
     label: uint8 [S, S] class ids.
   """
 
-  def __init__(self, rng: np.random.Generator, size: int, difficulty: float):
+  def __init__(self, rng: np.random.Generator, size: int, difficulty: float,
+               plain_shapes: bool = False):
     self.rng = rng
     self.size = size
     self.difficulty = difficulty
+    self.plain_shapes = plain_shapes
     self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     self.image = np.zeros((size, size, 3))
     self.label = np.zeros((size, size), np.uint8)
@@ -287,6 +292,8 @@ def _paint_disk(c: _Canvas, radius: float):
   v = (c.yy - cy) * np.cos(angle) - (c.xx - cx) * np.sin(angle)
   r2 = (u / max(a, 1.0)) ** 2 + (v / max(b, 1.0)) ** 2
   shade = 1.15 - 0.45 * np.clip(r2, 0, 1)
+  if c.plain_shapes:
+    shade = np.ones_like(shade)
   c.paint(r2 <= 1, _thing_colour(c) * shade[..., None], DISK)
 
 
@@ -299,6 +306,8 @@ def _paint_blob(c: _Canvas, radius: float):
     outline += c.rng.uniform(0, 0.2) * np.sin(k * phi + c.rng.uniform(0, 6.3))
   mask = np.hypot(c.yy - cy, c.xx - cx) <= max(radius, 1.0) * outline
   spots = 1 + 0.3 * (_smooth_field(c, 12) > 0.3)
+  if c.plain_shapes:
+    spots = np.ones_like(spots)
   c.paint(mask, _thing_colour(c) * spots[..., None], BLOB)
 
 
@@ -316,6 +325,8 @@ def _paint_triangle(c: _Canvas, radius: float):
       (sides[0] <= 0) & (sides[1] <= 0) & (sides[2] <= 0))
   period = c.rng.uniform(3, 6)
   stripes = 1 + 0.25 * np.sign(np.sin(2 * np.pi * (c.xx + c.yy) / period))
+  if c.plain_shapes:
+    stripes = np.ones_like(stripes)
   c.paint(mask, _thing_colour(c) * stripes[..., None], TRIANGLE)
 
 
@@ -369,8 +380,11 @@ def _thing_plan(c: _Canvas) -> list:
   """
   d = c.difficulty
   plan = []
-  for _ in range(c.rng.integers(0, 3)):
-    radius = c.rng.uniform(8, 24)
+  # Plain shapes: 1-3 large ones of radius 12-32 px (up to 8 patches of 8
+  # px across), so that most of a shape's patches see only its flat fill.
+  lo, hi, r_lo, r_hi = (1, 4, 12, 32) if c.plain_shapes else (0, 3, 8, 24)
+  for _ in range(c.rng.integers(lo, hi)):
+    radius = c.rng.uniform(r_lo, r_hi)
     plan.append((_SHAPES[c.rng.choice(list(_SHAPES))], radius))
   for _ in range(c.rng.poisson(1.2 * d)):
     radius = np.exp(c.rng.uniform(np.log(1.0), np.log(6.0)))
@@ -412,7 +426,8 @@ def _photometric(c: _Canvas) -> np.ndarray:
 
 def generate_example(
     split: str, index: int, *, size: int = DEFAULT_SIZE,
-    difficulty: float = DEFAULT_DIFFICULTY) -> Tuple[np.ndarray, np.ndarray]:
+    difficulty: float = DEFAULT_DIFFICULTY,
+    plain_shapes: bool = False) -> Tuple[np.ndarray, np.ndarray]:
   """Generates example `index` of `split` (deterministic, independent).
 
   Args:
@@ -421,6 +436,9 @@ def generate_example(
     size: side S of the square image in pixels.
     difficulty: >= 0; scales small / thin objects, noise, blur and colour
       overlap (see the module docstring).
+    plain_shapes: disks, blobs and triangles in flat colours and larger
+      (radius 12-32 px, 1-3 per image): their class is in their outline
+      only, far from most of their patches (the 'shapes' config).
 
   Returns:
     image: uint8 [S, S, 3] RGB.
@@ -433,7 +451,7 @@ def generate_example(
     raise ValueError(f'need index >= 0, size >= 16 and difficulty >= 0, got '
                      f'index={index}, size={size}, difficulty={difficulty}.')
   rng = np.random.default_rng([SPLIT_IDS[split], index])
-  canvas = _Canvas(rng, size, float(difficulty))
+  canvas = _Canvas(rng, size, float(difficulty), plain_shapes)
   _paint_stuff(canvas)
   _paint_things(canvas)
   return _photometric(canvas), canvas.label

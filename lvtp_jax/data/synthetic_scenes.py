@@ -63,6 +63,7 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
   num_selection: int = 500
   image_size: int = scene_generator.DEFAULT_SIZE
   difficulty: float = scene_generator.DEFAULT_DIFFICULTY
+  plain_shapes: bool = False
 
 
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
@@ -90,6 +91,14 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
                        '128x128, difficulty 2.5: more small and thin '
                        'things, noise, blur and colour overlap '
                        '(configs/benchmark_seg.py).')),
+      SyntheticScenesConfig(
+          name='shapes', num_train=6000, num_validation=500,
+          num_selection=500, difficulty=2.5, plain_shapes=True,
+          description=('6000 train / 500 validation / 500 selection, '
+                       "128x128, 'hard' with large flat-coloured disks, "
+                       'blobs and triangles that only their outline tells '
+                       'apart: a shape patch needs context from its '
+                       'outline.')),
       SyntheticScenesConfig(
           name='tiny', num_train=32, num_validation=16, num_selection=8,
           description=('32 train / 16 validation / 8 selection, 128x128, '
@@ -129,7 +138,8 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     for index in range(count):
       image, label = generate_example(
-          split, index, size=config.image_size, difficulty=config.difficulty)
+          split, index, size=config.image_size, difficulty=config.difficulty,
+          plain_shapes=config.plain_shapes)
       yield index, {'image': image, 'segmentation': label[..., None],
                     'index': index}
 
