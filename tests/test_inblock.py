@@ -314,6 +314,33 @@ def test_decoding_the_reduced_slots_equals_decoding_the_grid(cfg):
   np.testing.assert_allclose(reduced, grid, rtol=0, atol=2e-5)
 
 
+def test_canvas_rule_keeps_the_auxiliary_prediction_of_patches_that_left():
+  """dense='canvas': EViT drops half the patches in block 3, after the
+  auxiliary head of block 2 saw every patch alone: the dropped ones keep
+  that head's prediction, the kept ones the decoder's (as with 'source')."""
+  model = tiny.model(img_size=64, depth=4, aux_layers=(2,))
+  params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
+  x = np.asarray(tiny.images(8, batch=2)).repeat(2, axis=1).repeat(2, axis=2)
+  cfg = dict(name='evit', evit=dict(keep_rate=0.5, layers=(3,)))
+  out = {}
+  for mode in ('masked', 'buffer'):
+    out[mode] = pruning.attach(model, dict(cfg, mode=mode, dense='canvas')
+                               ).apply({'params': params}, x, return_aux=True)
+  np.testing.assert_allclose(out['masked'][0], out['buffer'][0], rtol=0,
+                             atol=2e-5)
+  _, aux = out['buffer']
+  _, source = pruning.attach(model, dict(cfg, mode='buffer')).apply(
+      {'params': params}, x, return_aux=True)
+  src = np.asarray(aux['state'].src)
+  kept = np.array([[(row == s).sum() == 1 for s in row] for row in src])
+  assert 0 < kept.sum() < kept.size
+  want = np.where(kept[..., None], source['token_logits'],
+                  aux['aux_logits'][2])
+  np.testing.assert_allclose(aux['token_logits'], want, rtol=0, atol=2e-5)
+  with pytest.raises(ValueError, match=r"dense='canvas' .* has none"):
+    pruning.attach(tiny.model(aux_layers=()), dict(cfg, dense='canvas'))
+
+
 def test_a_reduction_that_keeps_everything_is_the_unpruned_segmenter():
   model = tiny.model(**_SEG)
   params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
@@ -325,8 +352,8 @@ def test_a_reduction_that_keeps_everything_is_the_unpruned_segmenter():
 
 
 def test_dense_rule_is_validated():
-  with pytest.raises(ValueError, match=r"config.pruning.dense='canvas'"):
-    pruning.attach(tiny.model(), dict(name='tome', dense='canvas'))
+  with pytest.raises(ValueError, match=r"config.pruning.dense='nearest'"):
+    pruning.attach(tiny.model(), dict(name='tome', dense='nearest'))
 
 
 # ----------------------------------------------------------------------------

@@ -199,10 +199,14 @@ class Segmenter(nn.Module):
   def _reduced_forward(self, x: jax.Array, train: bool):
     """The encoder with an in-block reduction (EViT, ToMe, BAT, GTP;
     lvtp_jax/pruning/inblock.py), then every patch's token by the spec's
-    dense rule (inblock.dense_tokens) through the decoder on the full grid.
-    The auxiliary heads do not run (nothing exits at them)."""
+    dense rule (inblock.dense_source) through the decoder (on the grid, or
+    on the slots with decode='reduced'). The auxiliary heads run only for
+    dense='canvas' (spec.DENSE); aux_logits[k] is then their prediction for
+    every patch through src at block k."""
     spec = self.pruning
-    state, stats = pruning_inblock.forward(self.encoder, spec, x, train)
+    taps = tuple(self.aux_layers) if spec.dense == 'canvas' else ()
+    state, stats = pruning_inblock.forward(self.encoder, spec, x, train,
+                                           taps=taps)
     p = self.patch_size
     grid = (x.shape[1] // p, x.shape[2] // p)
     tokens = self.encoder.norm(state.x)
@@ -217,12 +221,38 @@ class Segmenter(nn.Module):
       token_logits = ts.take_rows(slot_logits, jnp.maximum(slot - q, 0))
     else:
       token_logits = self.decode_head(ts.take_rows(tokens, slot), train)
-    aux = dict(token_logits=token_logits, aux_logits={},
+    aux_logits = {}
+    if taps:
+      token_logits, aux_logits = self._canvas(token_logits, state,
+                                              stats['taps'])
+    aux = dict(token_logits=token_logits, aux_logits=aux_logits,
                grid=jnp.asarray(grid, jnp.int32), state=state,
                valid_tokens=stats['valid_tokens'],
                tokens_per_block=stats['valid_tokens'] - self.num_prefix,
                mlp_tokens_per_block=stats['mlp_tokens'] - self.num_prefix)
     return token_logits, aux
+
+  def _canvas(self, token_logits: jax.Array, state: ts.TokenState,
+              tapped: Dict[int, ts.TokenState]):
+    """dense='canvas': patches not kept at the end take the auxiliary
+    head's prediction of their slot at the last auxiliary layer where they
+    were still kept (if any). Returns (token_logits, aux_logits)."""
+    q = self.num_prefix
+    masked = self.pruning.mode == 'masked'
+    canvas = token_logits.astype(jnp.float32)
+    aux_logits = {}
+    for k in sorted(tapped):
+      st = tapped[k]
+      logits = self.aux_heads[k](
+          st.x[:, q:], valid=st.valid[:, q:] if masked else None)
+      per_patch = ts.take_rows(logits, jnp.maximum(st.src - q, 0))
+      aux_logits[k] = per_patch
+      kept = pruning_inblock.kept_patches(st.src, st.capacity)
+      canvas = jnp.where(kept[..., None], per_patch.astype(jnp.float32),
+                         canvas)
+    kept = pruning_inblock.kept_patches(state.src, state.capacity)
+    return jnp.where(kept[..., None], token_logits.astype(jnp.float32),
+                     canvas), aux_logits
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                return_aux: bool = False, labels: bool = False):

@@ -66,9 +66,12 @@ GENERAL_HELP = {
     'dense': 'in-block reductions on the Segmenter: how every patch gets a '
              "token for the decoder: 'source', the token that represents it "
              '(TokenState.src; a patch no token represents takes that of the '
-             "nearest patch that has one), or 'interpolate', the token of the "
+             "nearest patch that has one), 'interpolate', the token of the "
              'nearest kept patch (alone in its slot), so that merged, fused '
-             'or dropped patches are filled from their kept neighbours.',
+             "or dropped patches are filled from their kept neighbours, or "
+             "'canvas' (models with auxiliary heads): a patch that left takes "
+             'the auxiliary prediction of its slot at the last auxiliary '
+             "layer where it was still kept ('source' before the first).",
     'decode': "in-block reductions on the Segmenter: 'grid', the decoder "
               'runs on one token per patch (`dense`), or \'reduced\', on the '
               'final slots with proportional attention for the patches each '

@@ -87,8 +87,9 @@ def reduce_block(state: ts.TokenState, signals: Dict[str, jax.Array], *,
   return ts.pad(out, capacity) if capacity > n_out else out
 
 
-def forward(model: Any, spec: Any, images: jax.Array, train: bool
-            ) -> Tuple[ts.TokenState, Dict[str, jax.Array]]:
+def forward(model: Any, spec: Any, images: jax.Array, train: bool,
+            taps: Tuple[int, ...] = ()
+            ) -> Tuple[ts.TokenState, Dict[str, Any]]:
   """A ViT encoder with an in-block reduction.
 
   Args:
@@ -97,11 +98,13 @@ def forward(model: Any, spec: Any, images: jax.Array, train: bool
       model.pruning, or the Segmenter's).
     images: [B, H, W, 3].
     train: training mode (drop-path).
+    taps: blocks (1-based) whose output buffer to return as well.
 
   Returns:
     (state, aux): the final buffer (before the final LayerNorm), and
     'valid_tokens' / 'mlp_tokens' [B, depth] int32 valid slots entering
-    each block and its MLP, 'state' the final TokenState.
+    each block and its MLP, 'state' the final TokenState, 'taps' {block:
+    the TokenState after it}.
   """
   policy = registry.get(spec.name)
   state, grid = model.embed(images)
@@ -112,7 +115,7 @@ def forward(model: Any, spec: Any, images: jax.Array, train: bool
   masked = spec.mode == 'masked'
   proportional = policy.proportional(spec.params)
   want = policy.signals & registry.ATTENTION_SIGNALS
-  valid, mlp = [], []
+  valid, mlp, tapped = [], [], {}
   reduced = False
   for i in range(model.depth):
     n_in, n_out = counts[i], counts[i + 1]
@@ -130,8 +133,11 @@ def forward(model: Any, spec: Any, images: jax.Array, train: bool
         attn_transform=policy.attention_transform(spec.params, n_in))
     mlp.append(state.valid.sum(axis=1, dtype=jnp.int32))
     reduced = reduced or reduce is not None
+    if i + 1 in taps:
+      tapped[i + 1] = state
   return state, dict(valid_tokens=jnp.stack(valid, axis=1),
-                     mlp_tokens=jnp.stack(mlp, axis=1), state=state)
+                     mlp_tokens=jnp.stack(mlp, axis=1), state=state,
+                     taps=tapped)
 
 
 def dense_source(src: jax.Array, grid: Tuple[int, int], num_slots: int,
@@ -152,6 +158,9 @@ def dense_source(src: jax.Array, grid: Tuple[int, int], num_slots: int,
       'source'. Nearest: Euclidean grid distance, ties to the lower patch
       index.
 
+    ('canvas' decodes like 'source'; the Segmenter then overwrites the
+    patches that left with their canvas entry: kept_patches.)
+
   Returns:
     [B, N] int32 slot indices in [0, K).
   """
@@ -159,12 +168,18 @@ def dense_source(src: jax.Array, grid: Tuple[int, int], num_slots: int,
   src = jnp.where(has, src, jnp.take_along_axis(
       src, ts.nearest_patch(has, grid), axis=1))
   if rule == 'interpolate':
-    held = patches_per_slot(jnp.where(has, src, -1), num_slots)
-    kept = has & (jnp.take_along_axis(held, jnp.maximum(src, 0), axis=1)
-                  == 1)
+    kept = kept_patches(jnp.where(has, src, -1), num_slots)
     near = jnp.take_along_axis(src, ts.nearest_patch(kept, grid), axis=1)
     src = jnp.where(kept.any(axis=1, keepdims=True), near, src)
   return jnp.maximum(src, 0).astype(jnp.int32)
+
+
+def kept_patches(src: jax.Array, num_slots: int) -> jax.Array:
+  """[B, N] slot of each patch (-1: none) -> [B, N] bool: the patches alone
+  in their slot (not merged, fused, clustered or dropped)."""
+  held = patches_per_slot(src, num_slots)
+  return (src >= 0) & (jnp.take_along_axis(held, jnp.maximum(src, 0), axis=1)
+                       == 1)
 
 
 def patches_per_slot(src: jax.Array, num_slots: int) -> jax.Array:

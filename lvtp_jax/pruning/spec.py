@@ -99,8 +99,12 @@ REASSEMBLE = ('logits', 'frozen', 'interpolate')
 # nearest patch (grid distance, ties to the lower index) that has one.
 # 'interpolate': the token of the nearest kept patch (one that is the only
 # patch of its slot), so a region that was fused or merged is filled from
-# its kept neighbours instead of from one summary token.
-DENSE = ('source', 'interpolate')
+# its kept neighbours instead of from one summary token. 'canvas' (models
+# with auxiliary heads; DToP's exit canvas): the auxiliary heads run on the
+# buffer after their blocks; a patch that is not kept at the end takes the
+# prediction of its slot at the last auxiliary layer at which it was still
+# kept, and 'source' if it left before the first one.
+DENSE = ('source', 'interpolate', 'canvas')
 # What the Segmenter's decoder runs on after an in-block reduction:
 # 'grid' (default), the N tokens of the dense rule (one per patch, copies of
 # the slot tokens); 'reduced', the slots themselves, each with proportional
@@ -428,9 +432,12 @@ def _reduce_spec(cfg: ml_collections.ConfigDict, policy: Any,
   """The spec of an in-block reduction (lvtp_jax/pruning/inblock.py)."""
   if cfg.dense not in DENSE:
     raise ValueError(
-        f'config.pruning.dense={cfg.dense!r} is not one of {DENSE} (a '
-        "'canvas' of auxiliary-head predictions is not built for in-block "
-        'reductions).')
+        f'config.pruning.dense={cfg.dense!r} is not one of {DENSE}.')
+  if cfg.dense == 'canvas' and not getattr(model, 'aux_layers', ()):
+    raise ValueError(
+        "config.pruning.dense='canvas' writes the auxiliary heads' "
+        'predictions, and the model has none (config.model.aux_layers); use '
+        "'source' or 'interpolate'.")
   if cfg.decode not in DECODE:
     raise ValueError(f'config.pruning.decode={cfg.decode!r} is not one of '
                      f'{DECODE}.')
