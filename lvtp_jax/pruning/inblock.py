@@ -189,13 +189,6 @@ def patches_per_slot(src: jax.Array, num_slots: int) -> jax.Array:
   return (src[:, :, None] == slots).sum(axis=1, dtype=jnp.int32)
 
 
-def dense_tokens(tokens: jax.Array, src: jax.Array, grid: Tuple[int, int],
-                 rule: str = 'source') -> jax.Array:
-  """[B, K, D] final buffer -> [B, N, D]: every patch's token by the dense
-  rule (dense_source)."""
-  return ts.take_rows(tokens, dense_source(src, grid, tokens.shape[1], rule))
-
-
 def is_reduction(spec: Any) -> bool:
   """Whether the policy of `spec` is an in-block reduction."""
   return registry.get(spec.name).kind == 'reduce'

@@ -91,7 +91,7 @@ MODES = ('masked', 'buffer')
 OVERFLOW_RULES = ('exit_confident', 'exit_last')
 REASSEMBLE = ('logits', 'frozen', 'interpolate')
 # How an in-block reduction on the Segmenter gives every original patch a
-# token for the decoder (inblock.dense_tokens): 'source' (default), the
+# token for the decoder (inblock.dense_source): 'source' (default), the
 # token that represents the patch now (TokenState.src: the merged token for
 # ToMe, the fused one for EViT's dropped patches, BAT's cluster token, GTP's
 # receiving neighbour); a patch with no source (src -1: EViT without
