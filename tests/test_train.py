@@ -554,3 +554,45 @@ def test_selection_chooses_on_held_out_images_and_reports_on_validation(
                         buffer=False, reuse_grid=True)
   assert again['grid_rows'] == out['grid_rows']
   assert [p['cut'] for p in again['picks']] == [0.1, 0.1]
+
+
+def test_block_probe_on_the_trained_quickstart(quickstart_run, data_dir):
+  """block_probe: a linear probe per block and the model's own heads, scored
+  on the same patches; the decoder's score equals the forward's token
+  logits against a direct count of each patch's majority label."""
+  from lvtp_jax.evaluation import block_probe  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.evaluation import segmentation as seg_eval  # pylint: disable=g-import-not-at-top
+  workdir, _ = quickstart_run
+  config = _config(data_dir)
+  out = block_probe.run(config, workdir, train_images=8, eval_images=8,
+                        steps=30)
+  model, params, prep, _ = seg_eval.build_model(config, workdir)
+  names = [r['name'] for r in out['rows']]
+  assert names[:model.depth] == [f'probe after block {k}'
+                                 for k in range(1, model.depth + 1)]
+  assert names[model.depth:] == [f'aux head {k}' for k in model.aux_layers
+                                 ] + ['final decoder']
+  assert all(0.0 <= r['token_accuracy'] <= 1.0 for r in out['rows'])
+  # The decoder's row, recomputed: majority labels by a plain loop.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.data_source(
+      'synthetic_scenes/tiny', split=config.data.split, data_dir=data_dir)
+  p = model.patch_size
+  mean = np.asarray(prep['mean']) * 255
+  std = np.asarray(prep['std']) * 255
+  hits = total = 0
+  for i in range(8):
+    ex = source[i]
+    img = (ex['image'].astype(np.float32) - mean) / std
+    _, aux = model.apply({'params': params}, img[None], return_aux=True)
+    pred = np.asarray(aux['token_logits'][0]).argmax(-1)
+    seg = ex['segmentation'][..., 0]
+    gw = seg.shape[1] // p
+    for n, q in enumerate(pred):
+      cell = seg[(n // gw) * p:(n // gw + 1) * p, (n % gw) * p:(n % gw + 1) * p]
+      counts = np.bincount(cell.ravel(), minlength=256)[:model.num_classes]
+      if counts.max() > 0:
+        hits += int(q == counts.argmax())
+        total += 1
+  assert out['eval_patches'] == total
+  assert out['rows'][-1]['token_accuracy'] == pytest.approx(hits / total)

@@ -1,0 +1,197 @@
+r"""How decodable is each encoder block? Linear probes on a frozen Segmenter.
+
+  python -m lvtp_jax.evaluation.block_probe --config configs/benchmark_seg.py \
+      --workdir runs/benchmark_seg
+
+An early-exit policy can only beat random exits where the early heads are
+worse than the final decoder on some patches and know it. This measures
+whether the model leaves room for that: for every encoder block k, a linear
+softmax probe (on the block's patch tokens, standardised with the training
+images' statistics) is fitted to the patches' majority labels on
+`--train_images` training images and scored on `--eval_images` images of
+config.data.split (token accuracy: the fraction of patches whose majority
+label the probe predicts; patches with no labelled pixel are skipped).
+The model's own heads (its auxiliary heads and the final decoder) are
+scored on the same patches. If a probe after block 2 already matches the
+final decoder, the task is solved there and no placement of exits can
+rank policies (docs/benchmark_seg.md).
+
+Writes WORKDIR/block_probe.json and prints a table. The probes are fitted
+full-batch with Adam (`--steps`, learning rate 1e-2, from zero weights);
+they are a lower bound on what block k holds (a linear read-out, briefly
+fitted), the heads are what the model learned.
+"""
+
+import json
+import os
+import sys
+from typing import Any, Dict, List, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from lvtp_jax.data import segmentation as seg_data
+from lvtp_jax.data import segmentation_datasets
+from lvtp_jax.evaluation import segmentation
+
+
+def patch_labels(seg: np.ndarray, patch: int, num_classes: int,
+                 ignore_index: int) -> np.ndarray:
+  """[B, H, W] labels -> [B, N] majority label of each patch, -1 where it
+  has no labelled pixel (ties: the lower class)."""
+  b, h, w = seg.shape
+  gh, gw = h // patch, w // patch
+  cells = seg[:, :gh * patch, :gw * patch].reshape(b, gh, patch, gw, patch)
+  cells = cells.transpose(0, 1, 3, 2, 4).reshape(b, gh * gw, patch * patch)
+  counts = np.stack([(cells == c).sum(-1) for c in range(num_classes)], -1)
+  del ignore_index   # ignored pixels match no class
+  return np.where(counts.max(-1) > 0, counts.argmax(-1), -1)
+
+
+def block_tokens(model, params, images: jax.Array, blocks: Tuple[int, ...]
+                 ) -> Dict[str, np.ndarray]:
+  """{'block<k>': [B, N, D] patch tokens after block k, 'head<k>' / 'final':
+  [B, N, C] the auxiliary heads' and the decoder's token logits}."""
+  def run(m, x):
+    state, _ = m.encoder.embed(x)
+    out = {}
+    for i in range(m.depth):
+      state, _ = m.encoder.run_block(i, state)
+      tokens = state.x[:, m.num_prefix:]
+      if i + 1 in blocks:
+        out[f'block{i + 1}'] = tokens
+      if i + 1 in m.aux_heads:
+        out[f'head{i + 1}'] = m.aux_heads[i + 1](tokens)
+    out['final'] = m.decode_head(m.encoder.norm(state.x)[:, m.num_prefix:])
+    return out
+  got = jax.jit(lambda p, x: model.apply({'params': p}, x, method=run))(
+      params, images)
+  return {k: np.asarray(v, np.float32) for k, v in got.items()}
+
+
+def collect(config, model, params, prep, split: str, num: int,
+            blocks: Tuple[int, ...]) -> Tuple[Dict[str, np.ndarray],
+                                              np.ndarray]:
+  """Per-patch features and labels of the first `num` images of `split`,
+  flattened over images: ({name: [P, ...]}, labels [P]), labelled patches
+  only."""
+  dataset = segmentation_datasets.get_dataset(config.data.name)
+  source = segmentation_datasets.open_segmentation_source(
+      config.data.name, split, config.data.data_dir or None)
+  num = min(num, len(source))
+  ecfg = config.eval
+  batches = seg_data.eval_batches(
+      source, batch_size=config.data.batch_size, size=ecfg.size,
+      num_examples=num, mean=tuple(255.0 * m for m in prep['mean']),
+      std=tuple(255.0 * s for s in prep['std']),
+      short_size=ecfg.short_size or None, long_max=ecfg.long_max or None)
+  feats: Dict[str, List[np.ndarray]] = {}
+  labels = []
+  for batch in batches:
+    rows = np.asarray(batch['mask'])
+    out = block_tokens(model, params, jnp.asarray(batch['image']), blocks)
+    lab = patch_labels(np.asarray(batch['segmentation']), model.patch_size,
+                       model.num_classes, dataset.ignore_index)[rows]
+    keep = lab >= 0
+    labels.append(lab[keep])
+    for k, v in out.items():
+      feats.setdefault(k, []).append(v[rows][keep])
+  return ({k: np.concatenate(v) for k, v in feats.items()},
+          np.concatenate(labels))
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, steps: int
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Full-batch softmax regression: (mean, std, weights, bias)."""
+  mean, std = x.mean(0), x.std(0) + 1e-6
+  xs = jnp.asarray((x - mean) / std)
+  ys = jnp.asarray(y)
+  opt = optax.adam(1e-2)
+  w = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros((num_classes,)))
+
+  def loss(w):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        xs @ w[0] + w[1], ys).mean()
+
+  @jax.jit
+  def step(w, s):
+    g = jax.grad(loss)(w)
+    u, s = opt.update(g, s)
+    return optax.apply_updates(w, u), s
+
+  s = opt.init(w)
+  for _ in range(steps):
+    w, s = step(w, s)
+  return mean, std, np.asarray(w[0]), np.asarray(w[1])
+
+
+def run(config, workdir: str, train_images: int, eval_images: int,
+        steps: int, blocks: Tuple[int, ...] = ()) -> Dict[str, Any]:
+  """The probes and heads of the model of (config, workdir)."""
+  if config.eval.mode != 'whole':
+    raise ValueError("block_probe needs config.eval.mode='whole' (one token "
+                     'grid per image).')
+  model, params, prep, source = segmentation.build_model(config, workdir)
+  blocks = tuple(blocks) or tuple(range(1, model.depth + 1))
+  bad = [k for k in blocks if not 1 <= k <= model.depth]
+  if bad:
+    raise ValueError(f'--blocks {bad} out of range 1..{model.depth}.')
+  train_split = config.data.get('train_split', 'train')
+  tr, ytr = collect(config, model, params, prep, train_split, train_images,
+                    blocks)
+  ev, yev = collect(config, model, params, prep, config.data.split,
+                    eval_images, blocks)
+  rows = []
+  for k in blocks:
+    mean, std, w, b = fit_probe(tr[f'block{k}'], ytr, model.num_classes,
+                                steps)
+    pred = (((ev[f'block{k}'] - mean) / std) @ w + b).argmax(-1)
+    rows.append(dict(name=f'probe after block {k}', block=k,
+                     token_accuracy=float((pred == yev).mean())))
+  heads = sorted(int(n[4:]) for n in ev if n.startswith('head'))
+  for name in [f'head{k}' for k in heads] + ['final']:
+    block = model.depth if name == 'final' else int(name[4:])
+    rows.append(dict(
+        name='final decoder' if name == 'final' else f'aux head {block}',
+        block=block, token_accuracy=float((ev[name].argmax(-1) == yev).mean())))
+  return dict(weights=source, train_split=train_split,
+              train_images=train_images, train_patches=int(len(ytr)),
+              eval_split=config.data.split, eval_images=eval_images,
+              eval_patches=int(len(yev)), steps=steps, rows=rows)
+
+
+def table(out: Dict[str, Any]) -> str:
+  lines = ['| read-out | block | token accuracy |', '|---|---|---|']
+  lines += [f"| {r['name']} | {r['block']} | {100 * r['token_accuracy']:.2f} |"
+            for r in out['rows']]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  out = run(f.config, f.workdir, f.train_images, f.eval_images, f.steps,
+            tuple(int(b) for b in f.blocks))
+  print(table(out))
+  path = os.path.join(f.workdir, 'block_probe.json')
+  with open(path, 'w') as fh:
+    json.dump(out, fh, indent=1)
+  print(f'wrote {path}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'segmentation config',
+                                  lock_config=False)
+  flags.DEFINE_string('workdir', None, 'training workdir (its checkpoint)')
+  flags.DEFINE_integer('train_images', 600, 'images the probes are fitted on')
+  flags.DEFINE_integer('eval_images', 300, 'images of config.data.split the '
+                       'probes and heads are scored on')
+  flags.DEFINE_integer('steps', 400, 'Adam steps of each probe')
+  flags.DEFINE_list('blocks', [], 'blocks to probe (default: all)')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
