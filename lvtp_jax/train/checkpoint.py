@@ -25,7 +25,8 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, Optional, Sequence,
+                    Tuple)
 
 import jax
 import ml_collections
@@ -180,39 +181,35 @@ def restore_or_init(workdir: str, config: ml_collections.ConfigDict,
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       state)
-  tried = []
-  for step in sorted(ckpt.manager.all_steps(), reverse=True):
-    try:
-      stored = ckpt.read_meta(step)['config']
-    except Exception as e:  # pylint: disable=broad-except
-      tried.append(_set_aside(directory, step, e))
-      continue
-    diffs = config_differences(stored, config)
+
+  def read(step):
+    diffs = config_differences(ckpt.read_meta(step)['config'], config)
     if diffs:
-      ckpt.close()
-      raise ValueError(
+      raise _ConfigMismatch(
           f'{directory} holds a checkpoint (step {step}) of a different '
           'config; differing fields:\n  ' + '\n  '.join(diffs) +
           '\nUse another --workdir, or pass --restart '
           '(config.train.overwrite=True) to delete it and start over.')
-    try:
-      with _quiet_failed_reads():
-        restored, meta = ckpt.restore(step, abstract)
-      _check_like(restored, abstract)
-    except Exception as e:  # pylint: disable=broad-except
-      tried.append(_set_aside(directory, step, e))
-      continue
-    if tried:
-      ckpt.manager.reload()
-    print(f'resuming {workdir} from step {step}', flush=True)
-    return restored, int(meta['data_position']), ckpt
-  if tried:
-    ckpt.close()
-    raise CheckpointError(_none_intact(workdir, tried, (
+    with _quiet_failed_reads():
+      restored, meta = ckpt.restore(step, abstract)
+    _check_like(restored, abstract)
+    return restored, meta
+
+  steps = ckpt.manager.all_steps()
+  try:
+    found = _newest_intact(workdir, directory, steps, read, (
         'pass --restart (config.train.overwrite=True) to start over',
-        'or move a step back from checkpoints_damaged/ if you repaired it')))
-  ckpt.manager.reload()
-  return state, 0, ckpt
+        'or move a step back from checkpoints_damaged/ if you repaired it'))
+  except Exception:
+    ckpt.close()
+    raise
+  if found is None or found[0] != max(steps):
+    ckpt.manager.reload()   # no step yet, or the newer ones were set aside
+  if found is None:
+    return state, 0, ckpt
+  step, (restored, meta) = found
+  print(f'resuming {workdir} from step {step}', flush=True)
+  return restored, int(meta['data_position']), ckpt
 
 
 @contextlib.contextmanager
@@ -232,6 +229,11 @@ def _quiet_failed_reads():
 
 class CheckpointError(RuntimeError):
   """No intact checkpoint where one was expected."""
+
+
+class _ConfigMismatch(ValueError):
+  """The checkpoint is intact but not of this config: refused, not set
+  aside."""
 
 
 # Set aside rather than deleted: a human may still repair or inspect it.
@@ -271,6 +273,33 @@ def _none_intact(workdir: str, tried: List[str], choices) -> str:
   return (f'no intact checkpoint in {workdir}; tried, newest first (each '
           f'moved to {os.path.join(workdir, DAMAGED_DIR)}):\n  ' +
           '\n  '.join(tried) + '\nChoices: ' + '; '.join(choices) + '.')
+
+
+def _newest_intact(workdir: str, directory: str, steps: Iterable[int],
+                   read: Callable[[int], Any], choices: Sequence[str]
+                   ) -> Optional[Tuple[int, Any]]:
+  """(step, read(step)) of the newest step that reads; None when there is
+  no step at all.
+
+  Steps are tried newest first. A step whose `read` raises is set aside
+  (_set_aside: moved to checkpoints_damaged/, the reason reported) and the
+  next older one is tried; a _ConfigMismatch (an intact checkpoint of
+  another config) is raised as it is.
+
+  Raises:
+    CheckpointError: every step was set aside; `choices` say what to do.
+  """
+  tried = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, read(step)
+    except _ConfigMismatch:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      tried.append(_set_aside(directory, step, e))
+  if tried:
+    raise CheckpointError(_none_intact(workdir, tried, choices))
+  return None
 
 
 def _check_like(tree: Any, abstract: Any) -> None:
@@ -352,37 +381,24 @@ def load_latest(workdir: str, config: Optional[ml_collections.ConfigDict]
   if not os.path.isdir(directory):
     return None
   manager = ocp.CheckpointManager(directory)
-  tried = []
+
+  def read(step):
+    meta = _read_eval_meta(manager, directory, step, config)
+    with _quiet_failed_reads():
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']
+    return _eval_model(meta, state)
+
   try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        meta = _read_eval_meta(manager, directory, step, config)
-      except _ConfigMismatch:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        tried.append(_set_aside(directory, step, e))
-        continue
-      try:
-        with _quiet_failed_reads():
-          state = manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore()))['state']
-        model, params, prep = _eval_model(meta, state)
-      except Exception as e:  # pylint: disable=broad-except
-        tried.append(_set_aside(directory, step, e))
-        continue
-      return model, params, prep, step
+    found = _newest_intact(workdir, directory, manager.all_steps(), read, (
+        'train again (python train.py with --restart starts over)',
+        'or point --workdir / config.model.init_from at another run'))
   finally:
     manager.close()
-  if tried:
-    raise CheckpointError(_none_intact(workdir, tried, (
-        'train again (python train.py with --restart starts over)',
-        'or point --workdir / config.model.init_from at another run')))
-  return None
-
-
-class _ConfigMismatch(ValueError):
-  """The checkpoint is intact but not of this config: refused, not set
-  aside."""
+  if found is None:
+    return None
+  step, (model, params, prep) = found
+  return model, params, prep, step
 
 
 def _read_eval_meta(manager, directory: str, step: int,
