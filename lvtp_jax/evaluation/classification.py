@@ -23,6 +23,7 @@ from lvtp_jax import pruning
 from lvtp_jax.convert import timm as timm_convert
 from lvtp_jax.data import classification as data_lib
 from lvtp_jax.data import synthetic_objects
+from lvtp_jax.evaluation import speedup
 from lvtp_jax.evaluation import sweeps
 from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
@@ -113,23 +114,9 @@ def quick_top1(config: ml_collections.ConfigDict, model, params,
   return 100.0 * correct / max(seen, 1), seen
 
 
-class _Unpruned:
-  """The unpruned forward of a sweep, compiled once: FLOPs and speed-ups."""
-
-  def __init__(self, model):
-    self.apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    self._gflops = None
-
-  def gflops(self, params, images, batch_size) -> float:
-    if self._gflops is None:
-      self._gflops = flops.realized_gflops(self.apply, params, images,
-                                           batch_size=batch_size)
-    return self._gflops
-
-
 def evaluate_model(config: ml_collections.ConfigDict, model, params,
                    prep: Dict[str, Any], *, weights: str = '',
-                   unpruned: Optional[_Unpruned] = None,
+                   unpruned: Optional[speedup.Unpruned] = None,
                    maps: int = 0, per_image: bool = False
                    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Runs config.eval on config.data with config.pruning; one results row.
@@ -190,17 +177,13 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
   hw = (size, size)
   effective = 2 * flops.vit_macs(model, hw, valid_tokens,
                                  mlp_tokens).mean() / 1e9
-  images = jnp.asarray(last_batch)
-  applies = dict(model=jax.jit(lambda p, x: pruned.apply({'params': p}, x)))
-  if pcfg.name != 'none':
-    unpruned = unpruned or _Unpruned(model)
-    applies['unpruned'] = unpruned.apply
-  realized = flops.realized_gflops(applies['model'], params, images,
-                                   batch_size=dcfg.batch_size)
-  ips = speed.compare_images_per_second(
-      applies, params, images, batch_size=dcfg.batch_size,
-      warmup=config.eval.warmup, iters=config.eval.timing_iters,
-      rounds=config.eval.timing_rounds)
+  if pcfg.name == 'none':
+    unpruned = None                       # nothing to compare with
+  else:
+    unpruned = unpruned or speedup.Unpruned(model)
+  apply = jax.jit(lambda p, x: pruned.apply({'params': p}, x))
+  measured = speedup.measure(config.eval, apply, apply, params,
+                             jnp.asarray(last_batch), unpruned)
   mean_tokens = valid_tokens.mean(axis=0)
   starts = [0] + [i for i in range(1, model.depth)
                   if mean_tokens[i] != mean_tokens[i - 1]]
@@ -211,9 +194,9 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
       dataset=f'{dcfg.name}:{dcfg.split}',
       num_images=seen,
       top1=100.0 * correct / seen,
-      gflops_realized=realized,
+      gflops_realized=measured['gflops_realized'],
       gflops_effective=float(effective),
-      images_per_second=ips['model'],
+      images_per_second=measured['images_per_second'],
       batch_size=dcfg.batch_size,
       dtype=jnp.dtype(model.dtype).name,
       device=speed.device_name(),
@@ -229,9 +212,8 @@ def evaluate_model(config: ml_collections.ConfigDict, model, params,
   if config.eval.get('family'):
     row['family'] = config.eval.family   # e.g. 'gtp (README)', '... (fine-tuned)'
   if pcfg.name != 'none':
-    row.update(speedup=ips['model'] / ips['unpruned'],
-               realized_flop_ratio=unpruned.gflops(
-                   params, images, dcfg.batch_size) / realized)
+    row.update(speedup=measured['speedup'],
+               realized_flop_ratio=measured['realized_ratio'])
   if visual:
     visual['name'] = row['name']
   if per_image:
@@ -251,7 +233,7 @@ def evaluate_sweep(config: ml_collections.ConfigDict, model, params,
     with per_image, visuals['correct'][row name] the per-image hits.
   """
   rows, maps, correct = [], [], {}
-  unpruned = _Unpruned(models.with_dtype(
+  unpruned = speedup.Unpruned(models.with_dtype(
       model, config.model.get('dtype', 'float32')))
   for setting in sweeps.settings(config):
     row, visual = evaluate_model(

@@ -49,6 +49,7 @@ import numpy as np
 from lvtp_jax import models
 from lvtp_jax import pruning
 from lvtp_jax.evaluation import seg_runner
+from lvtp_jax.evaluation import speedup
 from lvtp_jax.evaluation import sweeps
 from lvtp_jax.measure import flops
 from lvtp_jax.measure import speed
@@ -180,24 +181,16 @@ def evaluate_sweep(config: ml_collections.ConfigDict, model, params,
   return rows, dict(prep=dict(prep), maps=maps)
 
 
-class _Baseline:
-  """The unpruned forward, compiled once per sweep, for speed-ups and the
-  realized-FLOP ratio of every pruned row."""
+class _Baseline(speedup.Unpruned):
+  """The unpruned forward, compiled once per sweep: the reference of every
+  pruned row's speed-up and realized-FLOP ratio (timed as the label map,
+  as the pruned forward is), and its forward with aux for the token
+  accuracies (seg_runner)."""
 
   def __init__(self, model):
-    self.apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    self.labels = jax.jit(lambda p, x: model.apply({'params': p}, x,
-                                                   labels=True))
+    super().__init__(model, labels=True)
     self.forward = jax.jit(lambda p, x: model.apply({'params': p}, x,
                                                     return_aux=True))
-    self._realized = {}
-
-  def realized(self, params, images) -> float:
-    key = images.shape
-    if key not in self._realized:
-      self._realized[key] = flops.realized_gflops(
-          self.apply, params, images, batch_size=images.shape[0])
-    return self._realized[key]
 
 
 def calibrate_capacities(config: ml_collections.ConfigDict, model, params,
@@ -283,20 +276,16 @@ def evaluate_model(config: ml_collections.ConfigDict,
       config, pruned, params, prep, max_maps=config.eval.get('exit_maps', 0),
       baseline=(lambda x: baseline.forward(params, x)) if spec else None)
 
-  apply = jax.jit(lambda p, x: pruned.apply({'params': p}, x))
   batch = images.shape[0]
   forward_hw = tuple(images.shape[1:3])
-  realized = flops.realized_gflops(apply, params, images, batch_size=batch)
-  tokens = stats.tokens()                                  # [F, depth]
   # Timed: the forward that returns labels (what evaluation needs), so
   # the shared full-resolution tail is not paid as logits.
-  fns = dict(model=jax.jit(lambda p, x: pruned.apply({'params': p}, x,
-                                                     labels=True)))
-  if spec is not None:
-    fns['unpruned'] = baseline.labels
-  ips = speed.compare_images_per_second(
-      fns, params, images, batch_size=batch, warmup=config.eval.warmup,
-      iters=config.eval.timing_iters, rounds=config.eval.timing_rounds)
+  measured = speedup.measure(
+      config.eval, jax.jit(lambda p, x: pruned.apply({'params': p}, x)),
+      jax.jit(lambda p, x: pruned.apply({'params': p}, x, labels=True)),
+      params, images, baseline if spec is not None else None)
+  realized = measured['gflops_realized']
+  tokens = stats.tokens()                                  # [F, depth]
   n = int(tokens[0, 0])
   p = model.num_prefix
   starts = [0] + ([layer for layer in spec.boundaries] if spec else [])
@@ -316,7 +305,7 @@ def evaluate_model(config: ml_collections.ConfigDict,
       gflops_realized=realized * windows_per_image,
       gflops_effective=effective_gflops(model, tokens, windows_per_image,
                                         stats.mlp_tokens()),
-      images_per_second=ips['model'] / windows_per_image,
+      images_per_second=measured['images_per_second'] / windows_per_image,
       batch_size=batch,
       dtype=jnp.dtype(model.dtype).name,
       device=speed.device_name(),
@@ -325,8 +314,8 @@ def evaluate_model(config: ml_collections.ConfigDict,
   )
   if spec is None:
     return row, []
-  row.update(speedup=ips['model'] / ips['unpruned'],
-             realized_flops_ratio=baseline.realized(params, images) / realized)
+  row.update(speedup=measured['speedup'],
+             realized_flops_ratio=measured['realized_ratio'])
   if stats.mlp_tokens() is not None:   # an in-block reduction ran
     row.update(tokens_per_block=[float(t + p) for t in mean_tokens],
                mlp_tokens_per_block=[float(t + p) for t in
