@@ -17,7 +17,6 @@ every setting of config.sweep is evaluated (lvtp_jax.evaluation.
 classification) and written to WORKDIR/results.json.
 """
 
-import os
 from typing import Any, Dict, Tuple
 
 import jax
@@ -34,7 +33,6 @@ from lvtp_jax.train import loop
 from lvtp_jax.train import model_init
 from lvtp_jax.train import optim
 from lvtp_jax.train.step import make_classification_step
-from lvtp_jax.train.step import make_mesh
 
 _SHAPE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                  'img_size', 'num_classes')
@@ -123,13 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
     (model, params, prep): the ViT (unpruned, in the config's dtype), its
     trained parameters (host arrays) and its data description.
   """
-  if config.train.multi_host:
-    if config.train.num_devices:
-      raise ValueError('train.num_devices must be 0 (all) with multi_host.')
-    jax.distributed.initialize()
-  mesh = make_mesh(config.train.num_devices)
-  validate(config, mesh.size)
-  os.makedirs(workdir, exist_ok=True)
+  mesh = loop.start_run(config, workdir, validate)
   model, params, prep = build(config.model, config.seed)
   train_model = pruning.attach(model, config.get('pruning'))
   model_meta = dict(architecture='vit', data=dict(prep),

@@ -184,6 +184,22 @@ def append_jsonl(path: str, row: Dict[str, Any]) -> None:
       f.write(json.dumps(row) + '\n')
 
 
+def start_run(config: ml_collections.ConfigDict, workdir: str,
+              validate: Callable[[ml_collections.ConfigDict, int], None]
+              ) -> jax.sharding.Mesh:
+  """The start of a training run: jax.distributed when config.train.
+  multi_host, the ('data',) mesh, `validate(config, number of devices)`
+  and the workdir. Shared by segmentation and classification training."""
+  if config.train.multi_host:
+    if config.train.num_devices:
+      raise ValueError('train.num_devices must be 0 (all) with multi_host.')
+    jax.distributed.initialize()
+  mesh = make_mesh(config.train.num_devices)
+  validate(config, mesh.size)
+  os.makedirs(workdir, exist_ok=True)
+  return mesh
+
+
 def start_state(config: ml_collections.ConfigDict, workdir: str, params: Any,
                 tx, mesh) -> Tuple[Dict[str, Any], int, checkpoint.Checkpointer]:
   """(state, start step, checkpointer): a fresh train state replicated on
@@ -355,13 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
     arrays) and the image normalisation (mean, std in 0..1) it was trained
     with.
   """
-  if config.train.multi_host:
-    if config.train.num_devices:
-      raise ValueError('train.num_devices must be 0 (all) with multi_host.')
-    jax.distributed.initialize()
-  mesh = make_mesh(config.train.num_devices)
-  validate(config, mesh.size)
-  os.makedirs(workdir, exist_ok=True)
+  mesh = start_run(config, workdir, validate)
   _prepare_synthetic(config)
   model, params, prep, initialised = model_init.build(config.model,
                                                       config.seed)
