@@ -130,6 +130,22 @@ def test_segmentation_model_flops_at_the_buffer_sizes(tiny_run):
   tokens = [n] * a1 + [c1] * (a2 - a1) + [c2] * (model.depth - a2)
   want = 2 * flops.segmenter_effective_macs(model, np.array(tokens)) / 1e9
   assert row['gflops_analytic'] == pytest.approx(want)
+  # In-block on the Segmenter: ToMe's counts (r clipped to half the 16
+  # patches: 8 merge in block 1, 4 in block 2, ...), blocks and MLPs.
+  row = next(r for r in result['rows'] if r['setting'] == 'tome'
+             and r.get('decoder') == 'linear')
+  want = 2 * flops.segmenter_effective_macs(
+      model, np.array([16, 8, 4, 2]), np.array([8, 4, 2, 1])) / 1e9
+  assert row['gflops_analytic'] == pytest.approx(want)
+  # Composed: ToMe in block 1 (before the first boundary, block 2), then
+  # at most the capacities (12 and 8 of 16: neither shrinks the 8 left).
+  row = next(r for r in result['rows'] if r['setting'] == 'lvtp+tome'
+             and r['decoder'] == 'linear')
+  want = 2 * flops.segmenter_effective_macs(
+      model, np.array([16, 8, 8, 8]), np.array([8, 8, 8, 8]),
+      dense_decoder=False) / 1e9
+  assert row['gflops_analytic'] == pytest.approx(want)
+  assert row['policy'] == 'lvtp+tome' and row['gflops_decisions'] > 0
 
 
 def test_tiny_suite_markdown(tiny_run):

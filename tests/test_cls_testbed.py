@@ -213,7 +213,7 @@ def test_training_errors_name_the_problem(tmp_path):
     cls_train.train(config, str(tmp_path / 'a'))
   config = _config()
   config.pruning.name = 'dtop'
-  with pytest.raises(ValueError, match='exit policy for the Segmenter'):
+  with pytest.raises(ValueError, match='exits tokens at auxiliary heads'):
     cls_train.train(config, str(tmp_path / 'b'))
   config = _config()
   config.model.img_size = 32

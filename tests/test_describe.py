@@ -147,7 +147,8 @@ def test_the_checker_catches_unknown_fields():
   assert _names_unknown_fields('with fuse_tokens', own) == ['fuse_tokens']
   assert _names_unknown_fields('config.pruning.tome.q', own) == [
       'config.pruning.tome.q']
-  assert _unnamed_choices('dense', "'source' only") == ['interpolate']
+  assert _unnamed_choices('dense', "'source' only") == ['interpolate',
+                                                         'canvas']
   assert _unnamed_choices('gtp.graph_type', "'Spatial', Mixed") == [
       'Semantic']
   assert 'CLSAttnMax' not in _unnamed_choices('gtp.selection',

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lvtp_jax.measure import flops
+from lvtp_jax.models import segmenter as seg_lib
 from lvtp_jax.models import vit as vit_lib
 
 # DeiT paper (Touvron et al. 2021, Table 1) and timm list DeiT-S at 224 as
@@ -59,6 +60,35 @@ def test_effective_count_follows_tokens_per_block():
   np.testing.assert_allclose(full - per_image[1], saved)
   with pytest.raises(ValueError, match='12 blocks'):
     flops.vit_macs(model, (224, 224), np.full((3,), 197))
+
+
+def test_segmenter_effective_count_of_in_block_and_composed_forwards():
+  """An in-block reduction: blocks with their MLP counts, the decoder on
+  all N patches, no auxiliary heads. Composed (dense_decoder=False): the
+  heads run and the decoder sees the last block's tokens, so with MLP
+  counts equal to the block counts it is the exit-policy count."""
+  model = seg_lib.Segmenter(num_classes=10, width=64, depth=4, num_heads=2,
+                            mlp_dim=128, patch_size=8, img_size=64,
+                            decoder='mask_transformer', aux_layers=(2, 3))
+  tokens = np.array([64.0, 40.0, 30.0, 20.0])
+  mlp = np.array([40.0, 30.0, 30.0, 20.0])
+  exits = flops.segmenter_effective_macs(model, tokens)
+  assert flops.segmenter_effective_macs(
+      model, tokens, tokens, dense_decoder=False) == exits
+  in_block = flops.segmenter_effective_macs(model, tokens, mlp)
+  # The MLP savings alone, the decoder on all 64 patches either way:
+  no_mlp = flops.segmenter_effective_macs(model, tokens, tokens)
+  saved = sum(2 * 64 * 128 * (t - m) for t, m in zip(tokens, mlp))
+  assert no_mlp - in_block == pytest.approx(saved)
+  # Composed minus in-block: the decoder on the last block's 20 tokens
+  # instead of 64, plus the heads (linear: n x 64 x 10) after blocks 2 and
+  # 3 on their MLPs' tokens (30, 30), where exits - no_mlp has them on the
+  # blocks' (40, 30).
+  composed = flops.segmenter_effective_macs(model, tokens, mlp,
+                                            dense_decoder=False)
+  assert composed - in_block == pytest.approx(
+      exits - no_mlp - 40 * 64 * 10 + 30 * 64 * 10)
+  assert composed < flops.segmenter_macs(model, (64, 64))
 
 
 def test_realized_count_is_per_image():

@@ -11,7 +11,7 @@ times all of its rows interleaved.
 
 import copy
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -243,8 +243,10 @@ class Suite:
                  gflops_realized=_per_image(xla, s.seg_batch),
                  aux_layers=list(s.seg_aux_layers),
                  gflops_analytic=2 * float(flops.segmenter_effective_macs(
-                     model, _buffer_tokens(model, spec, hw))) / 1e9)
-      if spec is not None:
+                     model, *_buffer_tokens(model, spec, hw),
+                     dense_decoder=spec is not None and not spec.boundaries))
+                 / 1e9)
+      if spec is not None and spec.boundaries:   # an exit policy decides
         row.update(capacities=list(spec.capacities),
                    gflops_decisions=_counted(lambda m=pruned: (
                        pruning.decision_flops(m, hw, s.seg_batch) / 1e9)))
@@ -368,15 +370,30 @@ def _vit_gflops(model, hw) -> float:
   return 2 * float(flops.vit_macs(model, hw, counts[:-1], counts[1:])) / 1e9
 
 
-def _buffer_tokens(model, spec, hw) -> np.ndarray:
-  """[depth] patch tokens each encoder block runs on with full buffers:
-  N up to the first boundary, then the capacity of the last boundary."""
+def _buffer_tokens(model, spec, hw) -> Tuple[np.ndarray, np.ndarray]:
+  """[depth] patch tokens each encoder block, and its MLP, runs on with full
+  buffers: N, or an in-block reduction's counts (a composed policy's up to
+  its first boundary); from each exit boundary on, at most its capacity."""
   n = (hw[0] // model.patch_size) * (hw[1] // model.patch_size)
+  p = model.num_prefix
   tokens = np.full((model.depth,), n, np.float64)
-  if spec is not None and spec.mode == 'buffer':
-    for stage, layer in enumerate(spec.boundaries):
-      tokens[layer:] = spec.capacity(stage, n)
-  return tokens
+  if spec is None or spec.mode != 'buffer':
+    return tokens, tokens.copy()
+  reduction, params, depth = spec.reduction, spec.reduction_params, (
+      spec.boundaries[0] - 1 if spec.boundaries else model.depth)
+  if pruning.kind(spec.name) == 'reduce':
+    reduction, params = spec.name, spec.params
+  mlp = tokens.copy()
+  if reduction:
+    counts = np.asarray(inblock.validate_counts(
+        pruning.get(reduction), params, n + p, p, depth), np.float64) - p
+    tokens[:depth], mlp[:depth] = counts[:-1], counts[1:]
+    tokens[depth:] = mlp[depth:] = counts[-1]
+  for stage, layer in enumerate(spec.boundaries):
+    cap = spec.capacity(stage, n)
+    tokens[layer:] = np.minimum(tokens[layer:], cap)
+    mlp[layer:] = np.minimum(mlp[layer:], cap)
+  return tokens, mlp
 
 
 def _recipe_config():

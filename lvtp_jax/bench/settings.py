@@ -72,6 +72,17 @@ SEGMENTATION = (
     Setting('lvtp', dict(name='lvtp', mode='buffer',
                          capacities=SEG_CAPACITIES),
             'LVTP-R defaults (specs/lvtp.md), exits after blocks 6 and 8'),
+    # In-block on the Segmenter (dense reassembly through src): ToMe's
+    # DeiT-S rate (r 13 of 197 tokens per block) scaled to 1025 tokens.
+    # EViT and BAT name fixed layers (4, 7, 10), which the --tiny suite's
+    # 4 blocks do not have; ToMe stands for the in-block family here.
+    Setting('tome', dict(name='tome', mode='buffer', tome=dict(r=64)),
+            'ToMe, r 64 in every block (13/197 of the tokens, the README '
+            'DeiT-S rate, at 1024 patches); decoder on the dense grid'),
+    Setting('lvtp+tome', dict(name='lvtp+tome', mode='buffer',
+                              capacities=SEG_CAPACITIES, tome=dict(r=64)),
+            'composed: ToMe r 64 in the blocks before the first exit '
+            'boundary, then LVTP-R exits after blocks 6 and 8'),
 )
 
 # Registered policies without a row, and why.

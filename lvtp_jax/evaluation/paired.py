@@ -183,7 +183,7 @@ def _evaluate(setting, model, params, prep) -> Dict[str, Any]:
       setting, pruned, params, prep, desc=setting.eval.name, per_image=True)
   return dict(result, policy=pcfg.name, num_images=num,
               gflops_effective=segmentation.effective_gflops(
-                  model, stats.tokens(), windows))
+                  model, stats, windows, pruned.pruning))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,

@@ -241,14 +241,17 @@ def attach_setting(config: ml_collections.ConfigDict, model, params,
   return pruning.attach(model, pcfg, normalization=prep), pcfg, calibration
 
 
-def effective_gflops(model: seg_lib.Segmenter, tokens: np.ndarray,
-                     windows_per_image: float,
-                     mlp_tokens: Optional[np.ndarray] = None) -> float:
+def effective_gflops(model: seg_lib.Segmenter, stats: seg_runner.ForwardStats,
+                     windows_per_image: float, spec: Any = None) -> float:
   """Analytic GFLOPs (2 x MACs) per image from the valid patch tokens of
-  every block of every forward, tokens [F, depth] (ForwardStats.tokens()),
-  and for an in-block reduction those of every MLP (mlp_tokens())."""
-  macs = float(np.mean(flops.segmenter_effective_macs(model, tokens,
-                                                      mlp_tokens)))
+  every block (and MLP) of every forward (stats), for the pruned forward of
+  `spec` (None: unpruned): an in-block reduction decodes all N patches and
+  runs the auxiliary heads only for dense='canvas'; exit and composed
+  policies run every head and decode the patches that stayed."""
+  in_block = spec is not None and pruning.kind(spec.label) == 'reduce'
+  macs = float(np.mean(flops.segmenter_effective_macs(
+      model, stats.tokens(), stats.mlp_tokens(), dense_decoder=in_block,
+      aux_heads=not in_block or spec.dense == 'canvas')))
   return 2 * macs / 1e9 * windows_per_image
 
 
@@ -303,8 +306,8 @@ def evaluate_model(config: ml_collections.ConfigDict,
       pixel_accuracy=result['pixel_accuracy'],
       per_class_iou=[float(v) for v in result['per_class_iou']],
       gflops_realized=realized * windows_per_image,
-      gflops_effective=effective_gflops(model, tokens, windows_per_image,
-                                        stats.mlp_tokens()),
+      gflops_effective=effective_gflops(model, stats, windows_per_image,
+                                        spec),
       images_per_second=measured['images_per_second'] / windows_per_image,
       batch_size=batch,
       dtype=jnp.dtype(model.dtype).name,

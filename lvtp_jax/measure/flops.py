@@ -14,7 +14,7 @@ Papers report MACs as "GFLOPs". lvtp_jax reports GFLOPs = 2 x MACs / 1e9
 everywhere (results.json, README), and says so.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -103,16 +103,19 @@ def segmenter_macs(model: Any, image_hw, tokens_per_block=None) -> np.ndarray:
 
 
 def segmenter_effective_macs(model: Any, tokens_per_block,
-                             mlp_tokens_per_block=None) -> np.ndarray:
+                             mlp_tokens_per_block=None, *,
+                             dense_decoder: Optional[bool] = None,
+                             aux_heads: Optional[bool] = None) -> np.ndarray:
   """Analytic MACs per image of a pruned Segmenter forward (effective count).
 
   Counts what a ragged implementation would do on the tokens that were
   really valid: the patch embedding of all N patches, every encoder block on
-  its valid patch tokens plus the prefix tokens, each auxiliary head on the
-  patch tokens of the block it follows (a boundary's head runs before
-  anything exits there), and the decoder on the patch tokens of the last
-  block. Decision overhead (softmax, top-k, sorting, gathers) is not counted,
-  like every non-matmul op. With no pruning this equals `segmenter_macs`.
+  its valid patch tokens plus the prefix tokens (its MLP on those left after
+  an in-block reduction), each auxiliary head on the patch tokens of the
+  block it follows (a boundary's head runs before anything exits there), and
+  the decoder on the patch tokens of the last block. Decision overhead
+  (softmax, top-k, sorting, gathers) is not counted, like every non-matmul
+  op. With no pruning this equals `segmenter_macs`.
 
   Args:
     model: a lvtp_jax Segmenter.
@@ -120,10 +123,15 @@ def segmenter_effective_macs(model: Any, tokens_per_block,
       encoder block processed, e.g. aux['tokens_per_block'] of a pruned
       forward. Nothing exits before the first block, so
       tokens_per_block[..., 0] is the patch count N.
-    mlp_tokens_per_block: an in-block reduction (aux of the same name):
-      [..., depth] valid patch tokens each block's MLP ran on. The decoder
-      then decodes all N patches (the dense reassembly) and the auxiliary
-      heads do not run.
+    mlp_tokens_per_block: [..., depth] valid patch tokens each block's MLP
+      ran on, where an in-block reduction shrank the set inside blocks (aux
+      of the same name); default tokens_per_block.
+    dense_decoder: the decoder decodes all N patches (an in-block
+      reduction's dense reassembly) rather than the last block's tokens;
+      default: whether mlp_tokens_per_block is given. A composed policy
+      (exits after an in-block reduction) passes False.
+    aux_heads: whether the auxiliary heads ran; default: not dense_decoder
+      (an in-block reduction runs them only for dense='canvas').
 
   Returns:
     MACs with the leading shape of `tokens_per_block`.
@@ -132,19 +140,25 @@ def segmenter_effective_macs(model: Any, tokens_per_block,
   if tokens.shape[-1] != model.depth:
     raise ValueError(f'tokens_per_block has {tokens.shape[-1]} entries in its '
                      f'last axis, the model has {model.depth} blocks.')
+  if dense_decoder is None:
+    dense_decoder = mlp_tokens_per_block is not None
+  if aux_heads is None:
+    aux_heads = not dense_decoder
+  mlp = tokens if mlp_tokens_per_block is None else np.asarray(
+      mlp_tokens_per_block, np.float64)
   d, c, p = model.width, model.num_classes, model.patch_size
   embed = tokens[..., 0] * 3 * p * p * d
-  if mlp_tokens_per_block is not None:
-    mlp = np.asarray(mlp_tokens_per_block, np.float64)
-    blocks = block_macs(tokens + model.num_prefix, d, model.mlp_dim,
-                        mlp + model.num_prefix).sum(axis=-1)
-    return embed + blocks + _decoder_macs(
-        model.decoder, tokens[..., 0], d, c, model.decoder_depth)
-  blocks = block_macs(tokens + model.num_prefix, d, model.mlp_dim).sum(axis=-1)
-  decoder = _decoder_macs(model.decoder, tokens[..., -1], d, c,
-                          model.decoder_depth)
-  aux = sum(_decoder_macs(model.aux_head, tokens[..., k - 1], d, c, 1)
-            for k in sorted(set(model.aux_layers)))
+  blocks = block_macs(tokens + model.num_prefix, d, model.mlp_dim,
+                      None if mlp_tokens_per_block is None
+                      else mlp + model.num_prefix).sum(axis=-1)
+  decoder = _decoder_macs(model.decoder,
+                          tokens[..., 0] if dense_decoder else tokens[..., -1],
+                          d, c, model.decoder_depth)
+  aux = 0.0
+  if aux_heads:
+    # The patch tokens after block k: its MLP's.
+    aux = sum(_decoder_macs(model.aux_head, mlp[..., k - 1], d, c, 1)
+              for k in sorted(set(model.aux_layers)))
   return embed + blocks + decoder + aux
 
 
