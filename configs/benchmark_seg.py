@@ -25,6 +25,10 @@ arg (comma-separated):
   sweep     none | policies | selection | testbed (the grid the test bed
             chooses from: random, DToP and LVTP-R settings,
             lvtp_jax/evaluation/sweeps.py testbed_grid)
+  scenes    hard (default) | shapes: synthetic_scenes/shapes, whose large
+            disks, blobs and triangles are flat-coloured so that only
+            their outline tells them apart (docs/benchmark_seg.md: on
+            'hard' a linear read-out after block 2 matches the decoder)
 """
 
 import importlib.util
@@ -44,7 +48,11 @@ def _quickstart():
 
 
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, runlocal=False, sweep='none')
+  arg = config_args.parse_arg(arg, runlocal=False, sweep='none',
+                              scenes='hard')
+  if arg.scenes not in ('hard', 'shapes'):
+    raise ValueError(f'configs/benchmark_seg.py: scenes={arg.scenes!r}; '
+                     "expected 'hard' or 'shapes'.")
   base = _quickstart()
   testbed = arg.sweep == 'testbed'
   config = base.get_config(f'sweep={"none" if testbed else arg.sweep}' +
@@ -59,7 +67,7 @@ def get_config(arg=None):
     return config
   config.model.update(dict(width=128, depth=12, num_heads=4, mlp_dim=512,
                            patch_size=8, aux_layers=(6, 8)))
-  config.data.name = 'synthetic_scenes/hard'
+  config.data.name = f'synthetic_scenes/{arg.scenes}'
   config.train.update(dict(num_steps=2500, warmup_steps=100, batch_size=16,
                            checkpoint_every=250, eval_every=500,
                            eval_examples=100))
