@@ -257,8 +257,7 @@ def _dense_reference(src, grid, rule='source'):
 @pytest.mark.parametrize('cfg, decoder', [
     (cfg, 'linear') for cfg in _SEG_POLICIES] + [
         (_SEG_POLICIES[2], 'mask_transformer'),
-        (dict(_SEG_POLICIES[0], dense='interpolate'), 'linear'),
-        (dict(_SEG_POLICIES[4], dense='interpolate'), 'linear')], ids=str)
+        (dict(_SEG_POLICIES[0], dense='interpolate'), 'linear')], ids=str)
 def test_every_reduction_on_the_segmenter(cfg, decoder):
   model = tiny.model(decoder=decoder, **_SEG)
   params = tiny.random_params(model, x_shape=(1, 64, 64, 3), scale=0.1)
@@ -298,7 +297,6 @@ def _final_tokens(model, params, state):
 
 @pytest.mark.parametrize('cfg', [
     dict(_SEG_POLICIES[2], mode='masked'),
-    dict(_SEG_POLICIES[0], mode='buffer'),
     dict(_SEG_POLICIES[1], mode='buffer', dense='interpolate'),
 ], ids=str)
 def test_decoding_the_reduced_slots_equals_decoding_the_grid(cfg):
