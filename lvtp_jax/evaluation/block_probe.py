@@ -53,10 +53,10 @@ def patch_labels(seg: np.ndarray, patch: int, num_classes: int,
   return np.where(counts.max(-1) > 0, counts.argmax(-1), -1)
 
 
-def block_tokens(model, params, images: jax.Array, blocks: Tuple[int, ...]
-                 ) -> Dict[str, np.ndarray]:
-  """{'block<k>': [B, N, D] patch tokens after block k, 'head<k>' / 'final':
-  [B, N, C] the auxiliary heads' and the decoder's token logits}."""
+def block_tokens_fn(model, blocks: Tuple[int, ...]):
+  """jitted (params, images) -> {'block<k>': [B, N, D] patch tokens after
+  block k, 'head<k>' / 'final': [B, N, C] the auxiliary heads' and the
+  decoder's token logits} (compiled once, reused for every batch)."""
   def run(m, x):
     state, _ = m.encoder.embed(x)
     out = {}
@@ -69,9 +69,7 @@ def block_tokens(model, params, images: jax.Array, blocks: Tuple[int, ...]
         out[f'head{i + 1}'] = m.aux_heads[i + 1](tokens)
     out['final'] = m.decode_head(m.encoder.norm(state.x)[:, m.num_prefix:])
     return out
-  got = jax.jit(lambda p, x: model.apply({'params': p}, x, method=run))(
-      params, images)
-  return {k: np.asarray(v, np.float32) for k, v in got.items()}
+  return jax.jit(lambda p, x: model.apply({'params': p}, x, method=run))
 
 
 def collect(config, model, params, prep, split: str, num: int,
@@ -92,9 +90,11 @@ def collect(config, model, params, prep, split: str, num: int,
       short_size=ecfg.short_size or None, long_max=ecfg.long_max or None)
   feats: Dict[str, List[np.ndarray]] = {}
   labels = []
+  forward = block_tokens_fn(model, blocks)
   for batch in batches:
     rows = np.asarray(batch['mask'])
-    out = block_tokens(model, params, jnp.asarray(batch['image']), blocks)
+    out = {k: np.asarray(v, np.float32) for k, v in
+           forward(params, jnp.asarray(batch['image'])).items()}
     lab = patch_labels(np.asarray(batch['segmentation']), model.patch_size,
                        model.num_classes, dataset.ignore_index)[rows]
     keep = lab >= 0
@@ -111,23 +111,24 @@ def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, steps: int
   mean, std = x.mean(0), x.std(0) + 1e-6
   xs = jnp.asarray((x - mean) / std)
   ys = jnp.asarray(y)
-  opt = optax.adam(1e-2)
   w = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros((num_classes,)))
-
-  def loss(w):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        xs @ w[0] + w[1], ys).mean()
-
-  @jax.jit
-  def step(w, s):
-    g = jax.grad(loss)(w)
-    u, s = opt.update(g, s)
-    return optax.apply_updates(w, u), s
-
-  s = opt.init(w)
+  s = _OPT.init(w)
   for _ in range(steps):
-    w, s = step(w, s)
+    w, s = _probe_step(w, s, xs, ys)
   return mean, std, np.asarray(w[0]), np.asarray(w[1])
+
+
+_OPT = optax.adam(1e-2)
+
+
+@jax.jit
+def _probe_step(w, s, xs, ys):
+  """One Adam step of the softmax probe (compiled once per feature shape,
+  shared by every block)."""
+  loss = lambda w: optax.softmax_cross_entropy_with_integer_labels(
+      xs @ w[0] + w[1], ys).mean()
+  u, s = _OPT.update(jax.grad(loss)(w), s)
+  return optax.apply_updates(w, u), s
 
 
 def run(config, workdir: str, train_images: int, eval_images: int,
