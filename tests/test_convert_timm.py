@@ -97,8 +97,7 @@ def test_resampled_pos_embed_matches_timm_loader(name, src_size, dst_size):
 
 def _timm_shapes(name):
   """Flax path -> shape of every parameter of timm's `name` (meta device)."""
-  with torch.device('meta'):
-    ref = timm.create_model(name, pretrained=False)
+  ref = timm_convert._meta_model(timm, torch, name)  # pylint: disable=protected-access
   shapes = {}
   for key, p in ref.state_dict().items():
     path, arr = timm_convert.convert_array(

@@ -199,8 +199,10 @@ def lowered_flops(lowered: Any) -> float:
 
 def xla_flops(fn: Callable, *args) -> float:
   """FLOPs XLA's cost analysis reports for jit(fn)(*args) on one device
-  (the compiled program)."""
-  return compiled_flops(jax.jit(fn).lower(*args).compile())
+  (the compiled program). A function that is already jitted is lowered
+  as it is, so that the executable its calls compiled is reused."""
+  jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
+  return compiled_flops(jitted.lower(*args).compile())
 
 
 def realized_gflops(fn: Callable, *args, batch_size: int) -> float:
