@@ -28,7 +28,9 @@ arg (comma-separated):
   scenes    hard (default) | shapes: synthetic_scenes/shapes, whose large
             disks, blobs and triangles are flat-coloured so that only
             their outline tells them apart (docs/benchmark_seg.md: on
-            'hard' a linear read-out after block 2 matches the decoder)
+            'hard' a linear read-out after block 2 matches the decoder) |
+            snakes: synthetic_scenes/snakes, grey tubes whose class is the
+            colour of a marker at one end, often many patches away
 """
 
 import importlib.util
@@ -36,6 +38,9 @@ import os
 
 from lvtp_jax import config_args
 from lvtp_jax.evaluation import sweeps
+
+
+SCENES = ('hard', 'shapes', 'snakes')
 
 
 def _quickstart():
@@ -50,9 +55,9 @@ def _quickstart():
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, runlocal=False, sweep='none',
                               scenes='hard')
-  if arg.scenes not in ('hard', 'shapes'):
+  if arg.scenes not in SCENES:
     raise ValueError(f'configs/benchmark_seg.py: scenes={arg.scenes!r}; '
-                     "expected 'hard' or 'shapes'.")
+                     f'expected one of {SCENES}.')
   base = _quickstart()
   testbed = arg.sweep == 'testbed'
   config = base.get_config(f'sweep={"none" if testbed else arg.sweep}' +

@@ -74,6 +74,34 @@ def test_plain_shapes_are_large_and_flat():
   assert steps[True] < 1.5 < 3.0 < steps[False], steps
 
 
+def test_snakes_take_the_class_of_their_marker_far_away():
+  """The 'snakes' config: each tube is one connected region of one thing
+  class, apart from the others; the saturated pixels of its marker have
+  the class's hue; and many tube pixels are far from their marker."""
+  import colorsys  # pylint: disable=g-import-not-at-top
+  far = []
+  for i in range(10):
+    img, lab = gen.generate_example('validation', i, difficulty=0.0,
+                                    snakes=True)
+    things = np.isin(lab, gen.THING_CLASSES)
+    regions, count = ndimage.label(things)
+    assert 3 <= count <= 5, (i, count)
+    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in
+                    img.reshape(-1, 3) / 255.0]).reshape(img.shape)
+    for r in range(1, count + 1):
+      region = regions == r
+      (cls,) = np.unique(lab[region])          # one class per tube
+      marker = region & (hsv[..., 1] > 0.6)
+      assert marker.sum() >= 40, (i, r)        # radius >= 5 px
+      hue = np.median(hsv[..., 0][marker])
+      gap = abs((hue - gen.SNAKE_HUES[int(cls)] + 0.5) % 1.0 - 0.5)
+      assert gap < 0.05, (i, r, hue, cls)
+      cy, cx = np.argwhere(marker).mean(axis=0)
+      yy, xx = np.nonzero(region)
+      far.append(np.mean(np.hypot(yy - cy, xx - cx) > 32))
+  assert np.mean(far) > 0.3, np.mean(far)      # 4+ patches of 8 px away
+
+
 def test_prepared_tiny_dataset_equals_the_generator(tmp_path):
   synthetic_scenes.prepare(str(tmp_path), config='tiny')
   source = tfds.data_source('synthetic_scenes/tiny', split='validation',

@@ -402,6 +402,75 @@ def _paint_things(c: _Canvas):
       painter(c, radius)
 
 
+# Snakes: the label of a tube is the colour of the marker at its far end.
+
+# Marker hue of each thing class on a snake ('snakes' scenes): saturated and
+# bright, away from the stuff colours; the tubes themselves are all one grey.
+SNAKE_HUES = {DISK: 0.0, POLE: 0.15, WIRE: 0.33, BLOB: 0.62, TRIANGLE: 0.8}
+
+
+def _snake_path(c: _Canvas, length: float) -> np.ndarray:
+  """Points [n, 2] (row, column) of a smooth random walk, 1 px apart.
+
+  The heading turns a little at every step (a random drift that itself
+  drifts), and reflects off a margin of 6 px from the border.
+  """
+  lo, hi = 6.0, c.size - 6.0
+  pos = c.rng.uniform(lo + 8, hi - 8, 2)
+  heading = c.rng.uniform(0, 2 * np.pi)
+  turn = 0.0
+  points = [pos.copy()]
+  for _ in range(int(length)):
+    turn = 0.95 * turn + c.rng.normal(0, 0.01)
+    heading += turn
+    nxt = pos + np.array([np.sin(heading), np.cos(heading)])
+    if not lo <= nxt[0] <= hi:   # Flips the row component.
+      heading = -heading
+    if not lo <= nxt[1] <= hi:   # Flips the column component.
+      heading = np.pi - heading
+    pos = np.clip(pos + np.array([np.sin(heading), np.cos(heading)]), lo, hi)
+    points.append(pos.copy())
+  return np.array(points)
+
+
+def _paint_snakes(c: _Canvas):
+  """3-5 grey tubes (6-8 px wide, 60-160 px long) that do not touch.
+
+  Every tube has a coloured marker (radius 5-6 px) at its head; the tube's
+  pixels and its marker take the class whose hue (SNAKE_HUES) the marker
+  has. The tubes are the same grey, so a tube patch far from its head has to
+  follow its own tube back to the marker, patch by patch: the context a
+  token needs is far away and reached only through other tokens of the
+  tube, which is what deeper blocks add.
+  """
+  grey = _hsv(c.rng.random(), c.rng.uniform(0.0, 0.08),
+              c.rng.uniform(0.35, 0.75))
+  texture = grey * (1 + 0.04 * _grain(c, (1.0, 1.0)))[..., None]
+  taken = np.zeros((c.size, c.size), bool)
+  for _ in range(c.rng.integers(3, 6)):
+    for _ in range(20):  # Tries to place a tube clear of the others.
+      points = _snake_path(c, c.rng.uniform(60, 160))
+      line = np.ones((c.size, c.size), bool)
+      idx = np.clip(np.round(points - 0.5).astype(int), 0, c.size - 1)
+      line[idx[:, 0], idx[:, 1]] = False
+      dist = ndimage.distance_transform_edt(line)
+      width = c.rng.uniform(6, 8)
+      radius = c.rng.uniform(5, 6)
+      head = np.hypot(c.yy - points[0, 0], c.xx - points[0, 1]) <= radius
+      tube = (dist <= width / 2) | head
+      if not (taken & (dist <= width / 2 + 6)).any():
+        break
+    else:
+      continue
+    taken |= tube
+    class_id = THING_CLASSES[c.rng.integers(len(THING_CLASSES))]
+    c.paint(tube, texture, class_id)
+    colour = _hsv(SNAKE_HUES[class_id] + c.rng.uniform(-0.03, 0.03),
+                  c.rng.uniform(0.75, 1.0), c.rng.uniform(0.8, 1.0))
+    np.copyto(c.image, np.broadcast_to(colour, c.image.shape),
+              where=head[..., None])
+
+
 # ----------------------------------------------------------------------------
 # Photometric effects and the public API.
 # ----------------------------------------------------------------------------
@@ -427,7 +496,8 @@ def _photometric(c: _Canvas) -> np.ndarray:
 def generate_example(
     split: str, index: int, *, size: int = DEFAULT_SIZE,
     difficulty: float = DEFAULT_DIFFICULTY,
-    plain_shapes: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    plain_shapes: bool = False,
+    snakes: bool = False) -> Tuple[np.ndarray, np.ndarray]:
   """Generates example `index` of `split` (deterministic, independent).
 
   Args:
@@ -439,6 +509,8 @@ def generate_example(
     plain_shapes: disks, blobs and triangles in flat colours and larger
       (radius 12-32 px, 1-3 per image): their class is in their outline
       only, far from most of their patches (the 'shapes' config).
+    snakes: instead of the things, 3-5 grey tubes whose class is the
+      colour of a marker at one end (`_paint_snakes`; the 'snakes' config).
 
   Returns:
     image: uint8 [S, S, 3] RGB.
@@ -453,7 +525,10 @@ def generate_example(
   rng = np.random.default_rng([SPLIT_IDS[split], index])
   canvas = _Canvas(rng, size, float(difficulty), plain_shapes)
   _paint_stuff(canvas)
-  _paint_things(canvas)
+  if snakes:
+    _paint_snakes(canvas)
+  else:
+    _paint_things(canvas)
   return _photometric(canvas), canvas.label
 
 

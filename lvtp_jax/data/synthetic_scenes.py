@@ -12,6 +12,9 @@ Configs (image size 128, i.e. an 8x8 token grid with 16x16 patches):
   difficulty 1.0.
 * 'hard': 6000 train / 500 validation / 500 selection images, difficulty
   2.5 (the segmentation test bed, configs/benchmark_seg.py).
+* 'snakes': as 'hard' in size, difficulty 1.5, with grey tubes whose class
+  is the colour of a marker at one end (the label of a tube patch is
+  often many patches away).
 * 'tiny': 32 train / 16 validation / 8 selection images, for tests.
 
 The 'selection' split is held out from training and from the reported
@@ -64,6 +67,7 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
   image_size: int = scene_generator.DEFAULT_SIZE
   difficulty: float = scene_generator.DEFAULT_DIFFICULTY
   plain_shapes: bool = False
+  snakes: bool = False
 
 
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
@@ -99,6 +103,14 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
                        'blobs and triangles that only their outline tells '
                        'apart: a shape patch needs context from its '
                        'outline.')),
+      SyntheticScenesConfig(
+          name='snakes', num_train=6000, num_validation=500,
+          num_selection=500, difficulty=1.5, snakes=True,
+          description=('6000 train / 500 validation / 500 selection, '
+                       '128x128, stuff as in the other configs (difficulty '
+                       '1.5) with 3-5 grey tubes instead of things; a '
+                       "tube's class is the colour of the marker at its "
+                       'head, often many patches away.')),
       SyntheticScenesConfig(
           name='tiny', num_train=32, num_validation=16, num_selection=8,
           description=('32 train / 16 validation / 8 selection, 128x128, '
@@ -139,7 +151,7 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
     for index in range(count):
       image, label = generate_example(
           split, index, size=config.image_size, difficulty=config.difficulty,
-          plain_shapes=config.plain_shapes)
+          plain_shapes=config.plain_shapes, snakes=config.snakes)
       yield index, {'image': image, 'segmentation': label[..., None],
                     'index': index}
 
