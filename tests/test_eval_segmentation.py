@@ -11,6 +11,7 @@ import pytest
 import eval as eval_main
 from lvtp_jax.data import segmentation_datasets
 from lvtp_jax.data import synthetic_scenes
+from lvtp_jax.evaluation import plots
 from lvtp_jax.evaluation import segmentation as seg_eval
 from lvtp_jax.evaluation import segmentation_metrics
 from lvtp_jax.measure import flops
@@ -164,12 +165,19 @@ def test_pareto_front_and_off_scale_rows(tmp_path):
   assert os.path.getsize(path) > 1000
 
 
-def test_in_block_reductions_on_the_segmenter_give_rows(data_dir, tmp_path):
+def test_in_block_reductions_on_the_segmenter_give_rows(data_dir, tmp_path,
+                                                       monkeypatch):
   """EViT and ToMe on the Segmenter (dense reassembly through src): rows
   with the token counts of every block and MLP, and effective GFLOPs from
-  them; the linear decoder is per token, so its cost stays that of N."""
+  them; the linear decoder is per token, so its cost stays that of N. Their
+  merge maps (and the composed policy's exits) are drawn."""
   config = _config(data_dir)
   config.model.depth = 4             # Ti/16 otherwise: compiling is the cost
+  config.eval.exit_maps = 2
+  drawn = {}
+  real_maps = plots.exit_maps
+  monkeypatch.setattr(plots, 'exit_maps', lambda visuals, path, **kw: (
+      drawn.update(visuals['maps']), real_maps(visuals, path, **kw))[1])
   config.sweep = (
       {'eval.name': 'unpruned'},
       {'eval.name': 'tome', 'pruning.name': 'tome', 'pruning.mode': 'buffer',
@@ -203,3 +211,12 @@ def test_in_block_reductions_on_the_segmenter_give_rows(data_dir, tmp_path):
   assert composed['mlp_tokens_per_block'][:2] == [62.0, 59.0]
   assert composed['overflow_tokens'] == 0 and composed['speedup'] > 0
   assert composed['gflops_effective'] < tome['gflops_effective']
+  # Merge maps: the final slot of every patch; ToMe's 64 patches share 52
+  # slots, so some share one.
+  assert sorted(drawn) == ['dtop+tome', 'evit', 'tome']
+  for m in drawn['tome']:
+    assert m['exit_stage'] is None and m['src'].shape == (64,)
+    assert len(np.unique(m['src'])) == 64 - 4 * 3
+  assert all(m['exit_stage'] is not None and m['src'] is not None
+             for m in drawn['dtop+tome'])
+  assert os.path.getsize(tmp_path / 'exit_maps.png') > 1000

@@ -265,7 +265,8 @@ def test_every_reduction_on_the_segmenter(cfg, decoder):
   out = {}
   for mode in ('masked', 'buffer'):
     pruned = pruning.attach(model, dict(cfg, mode=mode))
-    out[mode] = pruned.apply({'params': params}, x, return_aux=True)
+    out[mode] = jax.jit(lambda p, x, m=pruned: m.apply(
+        {'params': p}, x, return_aux=True))(params, x)
   (masked, maux), (buffer, baux) = out['masked'], out['buffer']
   # The masked oracle and the real buffer agree, patch for patch.
   np.testing.assert_allclose(masked, buffer, rtol=0, atol=2e-5)

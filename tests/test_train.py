@@ -548,6 +548,9 @@ def test_selection_chooses_on_held_out_images_and_reports_on_validation(
   assert not any(name.startswith('pick/lvtp') for name in rows)
   with open(os.path.join(workdir, 'selection', 'picks.json')) as f:
     assert json.load(f)['picks'] == out['picks']
+  # The picks' exit maps (masked mode only).
+  assert os.path.getsize(os.path.join(workdir, 'selection',
+                                      'exit_maps.png')) > 1000
   # Choosing again at another cut reuses the grid rows (timings included:
   # nothing was evaluated again).
   again = selection.run(config, workdir, 'selection', [0.1], 'miou',

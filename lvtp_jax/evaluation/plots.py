@@ -123,7 +123,10 @@ def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
 
   An exit map tints every patch by the boundary it exited at (red: the
   first, orange: the second, ...); patches that reached the decoder keep
-  the image's grey.
+  the image's grey. For an in-block reduction (a map with 'src') the
+  patches that share a token after the last block get one colour per token
+  (tab20, faint), dropped patches are black; a composed policy shows both,
+  exits on top.
   """
   maps: Dict[str, List[Dict[str, np.ndarray]]] = visuals['maps']
   names = list(maps)[:max_settings]
@@ -139,12 +142,24 @@ def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
     if has_label:
       panels.append(('label', _labels(first['label'])))
     grey = np.repeat(rgb.mean(-1, keepdims=True), 3, axis=-1)
+    h, w = rgb.shape[:2]
     for name in names:
-      stage = maps[name][i]['exit_stage']
-      h, w = rgb.shape[:2]
+      stage, src = maps[name][i]['exit_stage'], maps[name][i].get('src')
+      tint = grey.copy()
+      if src is not None:
+        shape = stage.shape if stage is not None else maps[name][i]['grid']
+        groups = token_groups(src, shape)
+        up = np.kron(groups, np.ones((-(-h // shape[0]), -(-w // shape[1])),
+                                     int))[:h, :w]
+        tint[up == -1] = 0.0
+        for k, slot in enumerate(sorted(set(groups[groups >= 0].tolist()))):
+          colour = np.asarray(plt.get_cmap('tab20')(k % 20)[:3])
+          tint[up == slot] = 0.5 * grey[up == slot] + 0.5 * colour
+      if stage is None:
+        panels.append((name, tint))
+        continue
       up = np.kron(stage, np.ones((-(-h // stage.shape[0]),
                                    -(-w // stage.shape[1]))))[:h, :w]
-      tint = grey.copy()
       for s in range(int(stage.max())):
         colour = np.asarray(matplotlib.colors.to_rgb(
             _STAGE_COLOURS[s % len(_STAGE_COLOURS)]))
@@ -157,7 +172,9 @@ def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
       if i == 0:
         ax.set_title(title, fontsize=6)
   fig.suptitle('exit stage per patch: red = first boundary, orange = second, '
-               'grey = reached the decoder', fontsize=7)
+               'grey = reached the decoder;\nin-block reductions: one faint '
+               'colour per token of merged patches, black = dropped',
+               fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -96,14 +96,19 @@ class ForwardStats:
     else:  # the unpruned model: every patch in every block
       self.tokens_per_block.append(
           np.asarray(aux['valid_tokens'])[rows] - self.num_prefix)
-    if 'exit_stage' not in aux:
+    # In-block reductions: the final slot of every patch (merge maps).
+    state = aux.get('state') if 'mlp_tokens_per_block' in aux else None
+    if ('exit_stage' not in aux and state is None) or not self.max_maps:
       return
     grid = tuple(int(g) for g in np.asarray(aux['grid']))
     for i in np.flatnonzero(rows):
       if len(self.maps) >= self.max_maps:
         break
       self.maps.append(dict(
-          exit_stage=np.asarray(aux['exit_stage'][i]).reshape(grid),
+          exit_stage=(np.asarray(aux['exit_stage'][i]).reshape(grid)
+                      if 'exit_stage' in aux else None),
+          src=None if state is None else np.asarray(state.src[i]),
+          grid=grid,
           image=None if images is None else np.asarray(images[i]),
           label=None if labels is None else np.asarray(labels[i]),
           pred=None if preds is None else np.asarray(preds[i])))

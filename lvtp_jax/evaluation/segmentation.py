@@ -166,8 +166,9 @@ def evaluate_sweep(config: ml_collections.ConfigDict, model, params,
 
   Returns:
     (rows, visuals): the rows, and dict(prep=prep, maps={row name: exit
-    maps}) with the first config.eval.exit_maps exit maps of every pruned
-    setting (lvtp_jax.evaluation.plots draws them).
+    maps}) with the first config.eval.exit_maps exit (and, for in-block
+    reductions, merge) maps of every pruned setting
+    (lvtp_jax.evaluation.plots.exit_maps draws them).
   """
   rows, maps = [], {}
   baseline = _Baseline(model)
@@ -325,7 +326,7 @@ def evaluate_model(config: ml_collections.ConfigDict,
                                      stats.mlp_tokens().mean(axis=0)])
   if pruning.kind(pcfg.name) == 'reduce':
     row.update(dense=spec.dense, forwards=len(tokens))
-    return row, []
+    return row, stats.maps               # merge maps
   overflow = stats.overflows()
   decisions = pruning.decision_flops(pruned, forward_hw, batch) / 1e9
   row.update(

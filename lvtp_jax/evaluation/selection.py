@@ -140,12 +140,14 @@ def pick_name(grid_name: str) -> str:
 
 def pick_overrides(grid: Sequence[Dict[str, Any]],
                    picks: Sequence[Dict[str, Any]], buffer: bool,
-                   no_maps: Dict[str, Any] = None
+                   no_maps: Dict[str, Any] = None,
+                   maps: Dict[str, Any] = None
                    ) -> Tuple[Dict[str, Any], ...]:
   """The evaluation settings of the picks (module docstring, step 3): each
   chosen grid setting once (several cuts may choose the same one), as it
   was but on the config's own split, drawing no maps (`no_maps`: the
-  config's override for that, segmentation's by default)."""
+  config's override for that, segmentation's by default), or, with `maps`
+  (e.g. {'eval.exit_maps': 4}), drawing them for the masked-mode rows."""
   no_maps = {'eval.exit_maps': 0} if no_maps is None else no_maps
   by_name = {g['eval.name']: g for g in grid}
   chosen = list(dict.fromkeys(p['name'] for p in picks if p['name']))
@@ -153,7 +155,8 @@ def pick_overrides(grid: Sequence[Dict[str, Any]],
   for name in chosen:
     setting = {k: v for k, v in by_name[name].items()
                if k not in _GRID_EVAL and k not in ('data.split', 'eval.name')}
-    out.append(dict(setting, **no_maps, **{'eval.name': pick_name(name)}))
+    out.append(dict(setting, **(maps or no_maps),
+                    **{'eval.name': pick_name(name)}))
     if buffer:
       out.append(dict(setting, **sweeps.BUFFER, **no_maps, **{
           'eval.name': f'{pick_name(name)}/buffer'}))
@@ -219,8 +222,11 @@ def _reusable_rows(sel_dir: str, grid: Sequence[Dict[str, Any]],
 
 def run(config: ml_collections.ConfigDict, workdir: str, split: str,
         cuts: Sequence[float], metric: str, buffer: bool = True,
-        reuse_grid: bool = False) -> Dict[str, Any]:
+        reuse_grid: bool = False, maps: int = 4) -> Dict[str, Any]:
   """The whole protocol; returns dict(picks, grid_rows, rows, table).
+
+  The exit and merge maps of the picks (masked mode, the first `maps`
+  validation images; 0: none) go to WORKDIR/selection/exit_maps.png.
 
   reuse_grid: take the grid rows an earlier run left in
   WORKDIR/selection/results.json when their setting (every override) and
@@ -252,9 +258,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, split: str,
   picks = choose(grid_rows, cuts, metric)
   pick_config = ml_collections.ConfigDict(config.to_dict())
   pick_config.sweep = ({'eval.name': 'unpruned', 'eval.exit_maps': 0},
-                       ) + pick_overrides(grid, picks, buffer)
-  rows, _ = segmentation.evaluate_sweep(pick_config, model, params, prep,
-                                        weights=source)
+                       ) + pick_overrides(
+                          grid, picks, buffer,
+                          maps={'eval.exit_maps': maps} if maps else None)
+  rows, visuals = segmentation.evaluate_sweep(pick_config, model, params,
+                                              prep, weights=source)
+  if visuals['maps']:
+    plots.exit_maps(visuals, os.path.join(sel_dir, 'exit_maps.png'),
+                    max_settings=12)
   for row in rows:
     chosen_for = [p for p in picks if p['name'] and row['name'] in (
         pick_name(p['name']), pick_name(p['name']) + '/buffer')]
@@ -396,7 +407,7 @@ def main(argv):
           f'the pick rows of {f.workdir}/results.json')
     return
   out = run(f.config, f.workdir, f.split, [float(c) for c in f.cuts],
-            f.metric, f.buffer, f.reuse_grid)
+            f.metric, f.buffer, f.reuse_grid, f.maps)
   print(out['table'])
   print(f'wrote {f.workdir}/selection/results.json, '
         f'{f.workdir}/selection/picks.json and the pick rows of '
@@ -421,6 +432,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer('resamples', 10000, 'classification: bootstrap '
                        'resamples of the paired comparisons')
   flags.DEFINE_integer('seed', 0, 'classification: bootstrap seed')
+  flags.DEFINE_integer('maps', 4, 'segmentation: validation images whose '
+                       'exit / merge maps are drawn for every pick '
+                       '(selection/exit_maps.png; 0: none)')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
