@@ -24,7 +24,8 @@ arg (comma-separated):
   runlocal  a tiny model and a few steps on synthetic_scenes/tiny (tests)
   sweep     none | policies | selection | testbed (the grid the test bed
             chooses from: random, DToP and LVTP-R settings,
-            lvtp_jax/evaluation/sweeps.py testbed_grid)
+            lvtp_jax/evaluation/sweeps.py testbed_grid) | exits (its
+            unpruned, random, DToP and LVTP-R settings only)
   scenes    hard (default) | shapes: synthetic_scenes/shapes, whose large
             disks, blobs and triangles are flat-coloured so that only
             their outline tells them apart (docs/benchmark_seg.md: on
@@ -59,11 +60,14 @@ def get_config(arg=None):
     raise ValueError(f'configs/benchmark_seg.py: scenes={arg.scenes!r}; '
                      f'expected one of {SCENES}.')
   base = _quickstart()
-  testbed = arg.sweep == 'testbed'
+  testbed = arg.sweep in ('testbed', 'exits')
   config = base.get_config(f'sweep={"none" if testbed else arg.sweep}' +
                            (',runlocal' if arg.runlocal else ''))
   if testbed:
     config.sweep = sweeps.testbed_grid()
+  if arg.sweep == 'exits':   # the exit policies of the testbed grid only
+    config.sweep = tuple(s for s in sweeps.testbed_grid() if s.get(
+        'pruning.name', 'none') in ('none', 'random', 'dtop', 'lvtp'))
   if arg.runlocal:
     config.model.patch_size = 8
     if testbed:   # one of each policy
