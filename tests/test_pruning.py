@@ -704,10 +704,15 @@ class _LowClsAttention(registry.Policy):
 
 
 def test_a_policy_on_attention_signals():
-  if _LowClsAttention.name not in pruning.names():
-    registry.register(_LowClsAttention())
-  logits, aux = _run(_images(9), dict(name=_LowClsAttention.name,
-                                      mode='buffer', capacities=(0.75,)))
+  # Registered for this test only: other tests (in this process, in any
+  # order) see the registry as the package leaves it.
+  assert _LowClsAttention.name not in pruning.names()
+  registry.register(_LowClsAttention())
+  try:
+    logits, aux = _run(_images(9), dict(name=_LowClsAttention.name,
+                                        mode='buffer', capacities=(0.75,)))
+  finally:
+    registry._REGISTRY.pop(_LowClsAttention.name)  # pylint: disable=protected-access
   stage = np.asarray(aux['exit_stage'])
   assert (stage == 0).any() and (stage == 1).any() and (stage == 2).any()
   assert np.isfinite(logits).all()
