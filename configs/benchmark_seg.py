@@ -64,10 +64,10 @@ def get_config(arg=None):
   config = base.get_config(f'sweep={"none" if testbed else arg.sweep}' +
                            (',runlocal' if arg.runlocal else ''))
   if testbed:
-    config.sweep = sweeps.testbed_grid()
-  if arg.sweep == 'exits':   # the exit policies of the testbed grid only
-    config.sweep = tuple(s for s in sweeps.testbed_grid() if s.get(
-        'pruning.name', 'none') in ('none', 'random', 'dtop', 'lvtp'))
+    exits = ('none', 'random', 'dtop', 'lvtp')   # sweep=exits keeps these
+    config.sweep = tuple(
+        s for s in sweeps.testbed_grid() if arg.sweep == 'testbed'
+        or s.get('pruning.name', 'none') in exits)
   if arg.runlocal:
     config.model.patch_size = 8
     if testbed:   # one of each policy

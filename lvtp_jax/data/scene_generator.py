@@ -420,16 +420,17 @@ def _snake_path(c: _Canvas, length: float) -> np.ndarray:
   heading = c.rng.uniform(0, 2 * np.pi)
   turn = 0.0
   points = [pos.copy()]
+  step = lambda: np.array([np.sin(heading), np.cos(heading)])
   for _ in range(int(length)):
     turn = 0.95 * turn + c.rng.normal(0, 0.01)
     heading += turn
-    nxt = pos + np.array([np.sin(heading), np.cos(heading)])
+    nxt = pos + step()
     if not lo <= nxt[0] <= hi:   # Flips the row component.
       heading = -heading
     if not lo <= nxt[1] <= hi:   # Flips the column component.
       heading = np.pi - heading
-    pos = np.clip(pos + np.array([np.sin(heading), np.cos(heading)]), lo, hi)
-    points.append(pos.copy())
+    pos = np.clip(pos + step(), lo, hi)
+    points.append(pos)
   return np.array(points)
 
 

@@ -70,6 +70,15 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
   snakes: bool = False
 
 
+def _testbed_config(name: str, description: str,
+                    **kwargs) -> SyntheticScenesConfig:
+  """A test-bed config: 6000 train / 500 validation / 500 selection."""
+  return SyntheticScenesConfig(
+      name=name, num_train=6000, num_validation=500, num_selection=500,
+      description=('6000 train / 500 validation / 500 selection, 128x128, '
+                   + description), **kwargs)
+
+
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes with stuff regions and thin / small things."""
 
@@ -88,29 +97,21 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
           num_selection=500,
           description=('4000 train / 500 validation / 500 selection, '
                        '128x128, difficulty 1.')),
-      SyntheticScenesConfig(
-          name='hard', num_train=6000, num_validation=500,
-          num_selection=500, difficulty=2.5,
-          description=('6000 train / 500 validation / 500 selection, '
-                       '128x128, difficulty 2.5: more small and thin '
-                       'things, noise, blur and colour overlap '
-                       '(configs/benchmark_seg.py).')),
-      SyntheticScenesConfig(
-          name='shapes', num_train=6000, num_validation=500,
-          num_selection=500, difficulty=2.5, plain_shapes=True,
-          description=('6000 train / 500 validation / 500 selection, '
-                       "128x128, 'hard' with large flat-coloured disks, "
-                       'blobs and triangles that only their outline tells '
-                       'apart: a shape patch needs context from its '
-                       'outline.')),
-      SyntheticScenesConfig(
-          name='snakes', num_train=6000, num_validation=500,
-          num_selection=500, difficulty=1.5, snakes=True,
-          description=('6000 train / 500 validation / 500 selection, '
-                       '128x128, stuff as in the other configs (difficulty '
-                       '1.5) with 3-5 grey tubes instead of things; a '
-                       "tube's class is the colour of the marker at its "
-                       'head, often many patches away.')),
+      _testbed_config(
+          'hard', difficulty=2.5,
+          description=('difficulty 2.5: more small and thin things, noise, '
+                       'blur and colour overlap (configs/benchmark_seg.py).')),
+      _testbed_config(
+          'shapes', difficulty=2.5, plain_shapes=True,
+          description=("'hard' with large flat-coloured disks, blobs and "
+                       'triangles that only their outline tells apart: a '
+                       'shape patch needs context from its outline.')),
+      _testbed_config(
+          'snakes', difficulty=1.5, snakes=True,
+          description=('stuff as in the other configs (difficulty 1.5) with '
+                       '3-5 grey tubes instead of things; a tube\'s class is '
+                       'the colour of the marker at its head, often many '
+                       'patches away.')),
       SyntheticScenesConfig(
           name='tiny', num_train=32, num_validation=16, num_selection=8,
           description=('32 train / 16 validation / 8 selection, 128x128, '

@@ -116,6 +116,27 @@ def _labels(label: np.ndarray, num_colours: int = 20) -> np.ndarray:
   return rgb
 
 
+def _upsample(grid_map: np.ndarray, h: int, w: int) -> np.ndarray:
+  """A per-patch map [gh, gw] repeated to pixels [h, w]."""
+  gh, gw = grid_map.shape
+  return np.kron(grid_map, np.ones((-(-h // gh), -(-w // gw)),
+                                   grid_map.dtype))[:h, :w]
+
+
+def _paint_groups(base: np.ndarray, groups: np.ndarray,
+                  alpha: float) -> np.ndarray:
+  """`base` [H, W, 3] with token_groups' patches drawn on it: black where
+  dropped (-1), one tab20 colour (weight alpha) per shared token."""
+  up = _upsample(groups, *base.shape[:2])
+  img = base.copy()
+  img[up == -1] = 0.0
+  cmap = plt.get_cmap('tab20')
+  for k, slot in enumerate(sorted(set(groups[groups >= 0].tolist()))):
+    colour = np.asarray(cmap(k % 20)[:3])
+    img[up == slot] = (1 - alpha) * base[up == slot] + alpha * colour
+  return img
+
+
 def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
               max_settings: int = 8) -> str:
   """Image | label | one exit map per pruned setting, for the first images
@@ -142,24 +163,16 @@ def exit_maps(visuals: Dict[str, Any], path: str, max_images: int = 4,
     if has_label:
       panels.append(('label', _labels(first['label'])))
     grey = np.repeat(rgb.mean(-1, keepdims=True), 3, axis=-1)
-    h, w = rgb.shape[:2]
     for name in names:
-      stage, src = maps[name][i]['exit_stage'], maps[name][i].get('src')
+      m = maps[name][i]
+      stage, src = m['exit_stage'], m.get('src')
       tint = grey.copy()
-      if src is not None:
-        shape = stage.shape if stage is not None else maps[name][i]['grid']
-        groups = token_groups(src, shape)
-        up = np.kron(groups, np.ones((-(-h // shape[0]), -(-w // shape[1])),
-                                     int))[:h, :w]
-        tint[up == -1] = 0.0
-        for k, slot in enumerate(sorted(set(groups[groups >= 0].tolist()))):
-          colour = np.asarray(plt.get_cmap('tab20')(k % 20)[:3])
-          tint[up == slot] = 0.5 * grey[up == slot] + 0.5 * colour
+      if src is not None:   # an in-block reduction ran: its merge map
+        tint = _paint_groups(grey, token_groups(src, m['grid']), alpha=0.5)
       if stage is None:
         panels.append((name, tint))
         continue
-      up = np.kron(stage, np.ones((-(-h // stage.shape[0]),
-                                   -(-w // stage.shape[1]))))[:h, :w]
+      up = _upsample(stage, *rgb.shape[:2])
       for s in range(int(stage.max())):
         colour = np.asarray(matplotlib.colors.to_rgb(
             _STAGE_COLOURS[s % len(_STAGE_COLOURS)]))
@@ -210,22 +223,14 @@ def token_maps(visuals: Dict[str, Any], path: str, max_images: int = 6) -> str:
   fig, axes = plt.subplots(len(maps) + 1, count,
                            figsize=(1.5 * count, 1.55 * (len(maps) + 1)),
                            dpi=120, squeeze=False)
-  cmap = plt.get_cmap('tab20')
   first = maps[0]
   for j in range(count):
     rgb = _rgb(first['images'][j], visuals['prep'])
     axes[0, j].imshow(rgb, interpolation='nearest')
     axes[0, j].set_title(f'label {first["labels"][j]}', fontsize=6)
     for i, m in enumerate(maps, start=1):
-      groups = token_groups(m['src'][j], m['grid'])
-      h, w = rgb.shape[:2]
-      up = np.kron(groups, np.ones((h // groups.shape[0],
-                                    w // groups.shape[1]), int))
-      img = rgb.copy()
-      img[up == -1] = 0.0
-      for k, slot in enumerate(sorted(set(groups[groups >= 0].tolist()))):
-        colour = np.asarray(cmap(k % 20)[:3])
-        img[up == slot] = 0.35 * rgb[up == slot] + 0.65 * colour
+      img = _paint_groups(rgb, token_groups(m['src'][j], m['grid']),
+                          alpha=0.65)
       axes[i, j].imshow(img, interpolation='nearest')
       axes[i, j].set_title(f'{m["name"]}: pred {m["pred"][j]}', fontsize=6)
   for ax in axes.ravel():
