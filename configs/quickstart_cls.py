@@ -3,8 +3,9 @@ r"""Classification test bed: a 12-block DeiT-style ViT on synthetic_objects.
   python train.py --config configs/quickstart_cls.py --workdir runs/quickstart_cls
 
 Trains from random initialisation on the CPU (built-in, offline images:
-lvtp_jax/data/synthetic_objects.py; the label is the colour of the one ring
-among distractors), evaluates the unpruned model on the 2000 validation
+lvtp_jax/data/synthetic_objects.py, the lookup task: key-value cards among
+clutter and one checkered marker; the label is the value on the card whose
+key is the marker's colour), evaluates the unpruned model on the 2000 validation
 images and writes runs/quickstart_cls/results.json. Twelve blocks, so
 that EViT's reduction layers 4/7/10 mean what they mean on DeiT; 64 x 64
 images at patch size 8: 64 patch tokens. Re-running resumes; --restart
@@ -32,6 +33,11 @@ arg (comma-separated):
   finetune  keep rate to fine-tune with (0: no fine-tune, default)
   policy    the policy of the fine-tune: evit (default) or bat
   base      the trained run a fine-tune starts from (runs/quickstart_cls)
+  chain     1 (default): the lookup task, one lookup from the checkered
+            marker; D > 1: D lookups in a row; 0: the earlier colour task
+            (the label is the colour of the checkered disc among plain
+            ones; the model reads it in block 1, so no reduction at block
+            4 or later changes its answer: docs/quickstart_cls.md)
 """
 
 import dataclasses
@@ -48,7 +54,7 @@ from lvtp_jax.train import optim
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, runlocal=False, sweep='none',
                               finetune=0.0, policy='evit',
-                              base='runs/quickstart_cls')
+                              base='runs/quickstart_cls', chain=1)
   if arg.policy not in ('evit', 'bat'):
     raise ValueError(f'policy={arg.policy!r}: fine-tune with evit or bat.')
   if arg.sweep not in SWEEPS:
@@ -56,6 +62,9 @@ def get_config(arg=None):
   if not 0.0 <= arg.finetune < 1.0:
     raise ValueError(f'finetune={arg.finetune}: an EViT keep rate in (0, 1), '
                      'or 0 for no fine-tune.')
+  if arg.chain < 0:
+    raise ValueError(f'chain={arg.chain}: the number of lookups (1: the '
+                     'test bed), or 0 for the colour task.')
   config = ml_collections.ConfigDict()
   config.task = 'classification'
   config.seed = 0
@@ -88,6 +97,12 @@ def get_config(arg=None):
   # noise, lines, contrast, check (lvtp_jax/data/synthetic_objects.py).
   config.data.difficulty = ml_collections.ConfigDict(
       dataclasses.asdict(synthetic_objects.Difficulty()))
+  if arg.chain:                        # the lookup task (see the module)
+    config.data.difficulty.chain = arg.chain
+    config.data.difficulty.cell = config.model.patch_size
+    # Lookups compare colours: half the colour task's hue jitter, so that
+    # few colours cross into a neighbouring class (0.1 apart).
+    config.data.difficulty.hue_jitter = 0.015
 
   config.train = optim.config_defaults()
   config.train.optimizer = 'adamw'

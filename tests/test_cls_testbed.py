@@ -72,6 +72,76 @@ def test_the_label_is_the_colour_of_the_checkered_target():
   assert hits >= 45   # hue jitter moves a few across a class boundary
 
 
+def _nearest_class(pixels):
+  hue = np.median([colorsys.rgb_to_hsv(*p)[0] for p in pixels])
+  return int(np.round(hue * so.NUM_CLASSES)) % so.NUM_CLASSES
+
+
+@pytest.mark.parametrize('chain', [1, 3])
+def test_the_lookup_label_is_where_the_walk_from_the_marker_ends(chain):
+  d = so.Difficulty(chain=chain, hue_jitter=0.015)
+  source = so.ObjectsSource('validation', d)
+  yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+  hits = total = 0
+  for i in range(40):
+    example = source[i]
+    # The same draws as the generator: the background, then the layout.
+    rng = np.random.default_rng((source.seed, i))
+    so._background(rng, d, yy, xx)  # pylint: disable=protected-access
+    layout = so.lookup_layout(rng, d)
+    keys = [k for _, _, k, _ in layout['pairs']]
+    assert len(set(keys)) == len(keys)
+    assert d.pairs[0] <= len(keys) < d.pairs[1]
+    cells = [(r, c) for r, c, _, _ in layout['pairs']]
+    cells.append(layout['marker'][:2])
+    assert len(set(cells)) == len(cells)
+    assert all(0 <= r < 8 and 0 <= c < 8 for r, c in cells)
+    # Walk: from the marker's colour, `chain` times to the value of the key
+    # of that colour.
+    cls = layout['marker'][2]
+    for _ in range(chain):
+      (cls,) = [v for _, _, k, v in layout['pairs'] if k == cls]
+    assert cls == example['label'] == layout['label']
+    # The pixels: a card's frame carries its key's colour, its centre its
+    # value's; the marker is checkered; the target is the walk's last card.
+    image = example['image'].astype(np.float32) / 255.0
+    total += 2 * len(layout['pairs'])
+    for r, c, key, value in layout['pairs']:
+      card = image[8 * r:8 * r + 8, 8 * c:8 * c + 8]
+      frame = np.concatenate([card[:2].reshape(-1, 3),
+                              card[6:].reshape(-1, 3),
+                              card[2:6, :2].reshape(-1, 3),
+                              card[2:6, 6:].reshape(-1, 3)])
+      hits += _nearest_class(frame) == key
+      hits += _nearest_class(card[2:6, 2:6].reshape(-1, 3)) == value
+    r, c, _ = layout['marker']
+    assert image[8 * r + 1:8 * r + 7, 8 * c + 1:8 * c + 7].std(
+        axis=(0, 1)).max() > 0.05
+    r, c = layout['path'][-1]
+    np.testing.assert_allclose(example['target'],
+                               [8 * r + 4, 8 * c + 4, 2.0])
+  assert hits >= 0.95 * total   # hue jitter moves a few across a class
+  with pytest.raises(ValueError, match='chain=-1'):
+    so.Difficulty(chain=-1)
+  with pytest.raises(ValueError, match='pairs='):
+    so.Difficulty(chain=4, pairs=(3, 6))
+
+
+def test_the_config_picks_the_task():
+  # The test bed is the one-lookup task with a card per patch; chain=0 is
+  # the earlier colour task, with the dataset's own defaults.
+  for arg, chain in (('', 1), ('chain=2', 2), ('chain=0', 0)):
+    config = _config(arg)
+    d = so.Difficulty(**config.data.difficulty.to_dict())
+    assert d.chain == chain
+    if chain:
+      assert d.cell == config.model.patch_size and d.hue_jitter == 0.015
+    else:
+      assert d == so.Difficulty()
+  with pytest.raises(ValueError, match='chain=-1'):
+    _config('chain=-1')
+
+
 def test_train_batches_resume_where_they_stopped():
   source = so.ObjectsSource('train')
   kwargs = dict(batch_size=4, mean=so.MEAN, std=so.STD, num_threads=2)
@@ -219,6 +289,10 @@ def test_training_errors_name_the_problem(tmp_path):
   config.model.img_size = 32
   with pytest.raises(ValueError, match='set data.difficulty.size'):
     cls_train.train(config, str(tmp_path / 'c'))
+  config = _config()
+  config.model.patch_size = 16
+  with pytest.raises(ValueError, match='set data.difficulty.cell'):
+    cls_train.train(config, str(tmp_path / 'd'))
 
 
 def test_token_groups():
@@ -251,12 +325,16 @@ def test_one_plot_from_a_base_run_and_its_fine_tunes(tmp_path):
   tuned = [dict(name='evit0.7_ft', policy='evit', top1=49.6,
                 gflops_effective=0.7, family='evit (fine-tuned)'),
            dict(name='none', policy='none', top1=50.2, gflops_effective=1.0)]
+  # The fine-tunes' control: the same steps, unpruned, as its own family.
+  control = [dict(name='none_ft', policy='none', top1=50.4,
+                  gflops_effective=1.0, family='none (fine-tuned)')]
   paths = []
-  for i, rows in enumerate((base, tuned)):
+  for i, rows in enumerate((base, tuned, control)):
     paths.append(str(tmp_path / f'{i}.json'))
     with open(paths[-1], 'w') as f:
       json.dump(dict(rows=rows), f)
   merged = plots.merged_rows(paths)
-  assert [r['name'] for r in merged] == ['none', 'evit0.7', 'evit0.7_ft']
+  assert [r['name'] for r in merged] == ['none', 'evit0.7', 'evit0.7_ft',
+                                         'none_ft']
   assert plots.main(paths + ['--out', str(tmp_path / 'out')]) == 0
   assert os.path.getsize(tmp_path / 'out' / 'pareto_top1.png') > 1000

@@ -92,6 +92,7 @@ def test_quickstart_sweeps_are_valid_settings(name, sweep):
     ('quickstart_cls.py', 'sweep=policies'),
     ('quickstart_cls.py', 'sweep=policies,runlocal'),
     ('quickstart_cls.py', 'sweep=depth_probe'),
+    ('quickstart_cls.py', 'chain=0,sweep=policies'),
     ('quickstart_cls.py', 'finetune=0.6,base=/x/y'),
     ('quickstart_cls.py', 'finetune=0.6,policy=bat,base=/x/y'),
     ('deit_imagenet.py', 'sweep=policies')])

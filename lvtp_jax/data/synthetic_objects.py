@@ -1,16 +1,26 @@
-"""synthetic_objects: a procedural classification set where one small object
-decides the label (the classification test bed, configs/quickstart_cls.py).
+"""synthetic_objects: procedural classification sets where small objects
+among clutter decide the label (the classification test bed,
+configs/quickstart_cls.py).
 
-Each image (64 x 64 by default) holds a noisy, shaded background crossed by
-thin clutter lines, several plain distractors (squares and discs, any of
-the ten colours) and one checkered disc, the target, drawn last: 2-pixel
-checks of its colour and of that colour lightened towards white. The label
-is the target's colour (ten hues, 36 degrees apart, jittered). A model has
-to find the one textured object among plain ones of the same colours and
-read its colour, so the few patches the target covers (1-4 of the 64 at
-patch size 8) carry the label: a reduction that drops or dilutes them
-costs accuracy, and a random subset of tokens is clearly worse than one
-chosen by attention.
+Every image (64 x 64 by default) has a noisy, shaded background crossed by
+thin clutter lines. Two tasks (Difficulty.chain):
+
+- The colour task (chain=0, the Difficulty default): several plain
+  distractors (squares and discs, any of the ten colours) and one
+  checkered disc, the target, drawn last: 2-pixel checks of its colour and
+  of that colour lightened towards white. The label is the target's colour
+  (ten hues, 36 degrees apart, jittered). The target's patches identify it
+  linearly, so a ViT reads the label in its first attention layer and no
+  later token reduction changes the answer (docs/quickstart_cls.md).
+- The lookup task (chain=D >= 1; the test bed uses D=1): key-value cards,
+  one grid cell (one patch) each, a frame in the key's colour around a
+  centre in the value's colour, keys all different, and one checkered
+  square, the marker. The label is reached by walking from the marker's
+  colour D times to the value of the card whose key has the colour in hand.
+  The answer needs D + 1 rounds of attention (the marker's colour, then
+  each card on the path), so the cards on the path must survive the
+  blocks in which a model looks them up: dropping or merging the wrong
+  tokens costs accuracy.
 
 Offline and in memory, no TFDS: example i of a split is drawn from
 numpy's default_rng((split seed, i)), so every split is reproducible,
@@ -56,6 +66,19 @@ class Difficulty:
     contrast: how far the target's light checks move towards white (1:
       white, 0: no texture, the target looks like a distractor).
     check: the target's check size in pixels.
+    chain: 0 (the default): the label is the checkered target's colour.
+      D >= 1: the lookup task. The image holds key-value cards (one grid
+      cell each: a frame in the key's colour around a centre square in
+      the value's colour) and one checkered square, the marker; keys are
+      distinct colours. Start at the marker's colour, find the card whose
+      frame has that colour, move to its centre's colour, D times: the
+      label is the colour reached. Nothing in one cell tells the label, so
+      a model needs about D + 1 rounds of attention to know it, and the
+      cards on the path must survive until it does.
+    pairs: (min, max) cards of the lookup task (max exclusive; at least
+      `chain`, at most 10: the keys are distinct colours).
+    cell: the lookup task's grid cell in pixels (the patch size, so that a
+      card is one token).
   """
   size: int = 64
   distractors: Tuple[int, int] = (8, 14)
@@ -65,6 +88,26 @@ class Difficulty:
   lines: Tuple[int, int] = (2, 5)
   contrast: float = 0.4
   check: int = 2
+  chain: int = 0
+  pairs: Tuple[int, int] = (5, 8)
+  cell: int = 8
+
+  def __post_init__(self):
+    if self.chain < 0:
+      raise ValueError(f'chain={self.chain}: 0 (the colour task) or the '
+                       'number of lookups (>= 1).')
+    if self.chain:
+      lo, hi = self.pairs
+      if not self.chain <= lo < hi <= NUM_CLASSES + 1:
+        raise ValueError(
+            f'pairs={self.pairs}: need chain ({self.chain}) <= min < max '
+            f'<= {NUM_CLASSES + 1} (keys are distinct colours).')
+      if self.size % self.cell or self.cell < 8:
+        raise ValueError(f'cell={self.cell}: a divisor of size '
+                         f'({self.size}), at least 8 pixels.')
+      if hi > (self.size // self.cell) ** 2 // 2:
+        raise ValueError(f'pairs={self.pairs}: too many pairs for a '
+                         f'{self.size // self.cell}-cell grid.')
 
 
 def _rgb(hue: float, sat: float, val: float) -> np.ndarray:
@@ -74,21 +117,14 @@ def _rgb(hue: float, sat: float, val: float) -> np.ndarray:
 def generate(rng: np.random.Generator, difficulty: Difficulty = Difficulty()
              ) -> Tuple[np.ndarray, int, Tuple[float, float, float]]:
   """One example: (uint8 [S, S, 3] image, label, (cy, cx, r) of the
-  target)."""
+  target: the checkered disc, or for the lookup task the centre of the
+  card the walk ends on)."""
   d = difficulty
   s = d.size
   yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-  img = np.empty((s, s, 3), np.float32)
-  img[:] = rng.uniform(0.3, 0.6, 3)
-  img += rng.uniform(-0.15, 0.15, 3).astype(np.float32) * (yy / s)[..., None]
-  img += rng.normal(0.0, d.noise, (s, s, 3)).astype(np.float32)
-  for _ in range(rng.integers(*d.lines)):
-    y0, x0, y1, x1 = rng.uniform(0, s, 4)
-    dist = np.abs((y1 - y0) * (xx - x0) - (x1 - x0) * (yy - y0)) / (
-        np.hypot(y1 - y0, x1 - x0) + 1e-6)
-    img[dist < rng.uniform(0.5, 1.2)] = _rgb(
-        rng.integers(NUM_CLASSES) / NUM_CLASSES, rng.uniform(0.3, 0.8),
-        rng.uniform(0.4, 1.0))
+  img = _background(rng, d, yy, xx)
+  if d.chain:
+    return _lookup(rng, d, img)
   label = int(rng.integers(NUM_CLASSES))
   count = int(rng.integers(*d.distractors))
   where = (0.0, 0.0, 0.0)
@@ -97,9 +133,7 @@ def generate(rng: np.random.Generator, difficulty: Difficulty = Difficulty()
     r = rng.uniform(*d.radius)
     cy, cx = rng.uniform(r + 1, s - r - 1, 2)
     target = i == count                       # drawn last: never covered
-    hue = (label if target else rng.integers(NUM_CLASSES)) / NUM_CLASSES
-    colour = _rgb(hue + rng.normal(0.0, d.hue_jitter), rng.uniform(0.7, 1.0),
-                  rng.uniform(0.7, 1.0))
+    colour = _colour(rng, d, label if target else rng.integers(NUM_CLASSES))
     d2 = (yy - cy) ** 2 + (xx - cx) ** 2
     if target:
       disc = d2 <= r * r
@@ -112,7 +146,88 @@ def generate(rng: np.random.Generator, difficulty: Difficulty = Difficulty()
     else:
       mask = d2 <= r * r
     img[mask] = colour
-  return (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8), label, where
+  return _to_uint8(img), label, where
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+  return (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _background(rng: np.random.Generator, d: Difficulty, yy: np.ndarray,
+                xx: np.ndarray) -> np.ndarray:
+  """A noisy, shaded background crossed by thin clutter lines."""
+  s = d.size
+  img = np.empty((s, s, 3), np.float32)
+  img[:] = rng.uniform(0.3, 0.6, 3)
+  img += rng.uniform(-0.15, 0.15, 3).astype(np.float32) * (yy / s)[..., None]
+  img += rng.normal(0.0, d.noise, (s, s, 3)).astype(np.float32)
+  for _ in range(rng.integers(*d.lines)):
+    y0, x0, y1, x1 = rng.uniform(0, s, 4)
+    dist = np.abs((y1 - y0) * (xx - x0) - (x1 - x0) * (yy - y0)) / (
+        np.hypot(y1 - y0, x1 - x0) + 1e-6)
+    img[dist < rng.uniform(0.5, 1.2)] = _rgb(
+        rng.integers(NUM_CLASSES) / NUM_CLASSES, rng.uniform(0.3, 0.8),
+        rng.uniform(0.4, 1.0))
+  return img
+
+
+def _colour(rng: np.random.Generator, d: Difficulty, cls) -> np.ndarray:
+  """An object colour of class `cls` (jittered hue, bright)."""
+  return _rgb(cls / NUM_CLASSES + rng.normal(0.0, d.hue_jitter),
+              rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
+
+
+def lookup_layout(rng: np.random.Generator, d: Difficulty) -> Dict[str, Any]:
+  """The lookup task's objects: where they go and their classes.
+
+  Returns:
+    dict(marker=(row, col, class), pairs=[(row, col, key, value), ...]
+    with the card (key frame, value centre) in grid cell (row, col),
+    path=[(row, col) of each card the walk visits], label).
+  """
+  g = d.size // d.cell
+  walk = rng.permutation(NUM_CLASSES)[:d.chain + 1]   # distinct: no loops
+  count = int(rng.integers(*d.pairs))
+  # The other keys: colours that are no key on the walk. The walk's last
+  # colour may be one (the walk could go on: a model must count steps).
+  other = rng.permutation(np.setdiff1d(np.arange(NUM_CLASSES), walk[:-1]))
+  other = other[:count - d.chain]
+  keys = [int(k) for k in walk[:-1]] + [int(k) for k in other]
+  values = [int(v) for v in walk[1:]] + [
+      int((k + rng.integers(1, NUM_CLASSES)) % NUM_CLASSES) for k in other]
+  cells = rng.permutation(g * g)[:count + 1]       # the cards, the marker
+  spots = [(int(i) // g, int(i) % g) for i in cells]
+  order = rng.permutation(count)                   # pair i goes to spot
+  pairs = [(*spots[order[i]], keys[i], values[i]) for i in range(count)]
+  return dict(marker=(*spots[-1], int(walk[0])), pairs=pairs,
+              path=[spots[order[i]] for i in range(d.chain)],
+              label=int(walk[-1]))
+
+
+def _lookup(rng: np.random.Generator, d: Difficulty, img: np.ndarray):
+  """The lookup task (Difficulty.chain >= 1) drawn on a background."""
+  layout = lookup_layout(rng, d)
+  c = d.cell
+  b = c // 4                                 # the frame's width
+  yc, xc = np.mgrid[0:c, 0:c]
+  frame = (np.minimum(np.minimum(yc, xc), np.minimum(c - 1 - yc, c - 1 - xc))
+           < b)
+  centre = ~frame
+  square = np.zeros((c, c), bool)
+  square[1:c - 1, 1:c - 1] = True
+  checks = (yc // d.check + xc // d.check) % 2 == 0
+  for r, col, key, value in layout['pairs']:
+    cell = img[r * c:(r + 1) * c, col * c:(col + 1) * c]
+    cell[frame] = _colour(rng, d, key)
+    cell[centre] = _colour(rng, d, value)
+  r, col, cls = layout['marker']
+  colour = _colour(rng, d, cls)
+  cell = img[r * c:(r + 1) * c, col * c:(col + 1) * c]
+  cell[square & checks] = colour
+  cell[square & ~checks] = colour * (1.0 - d.contrast) + d.contrast
+  r, col = layout['path'][-1]
+  where = ((r + 0.5) * c, (col + 0.5) * c, c / 2.0 - b)
+  return _to_uint8(img), layout['label'], where
 
 
 class ObjectsSource(Sequence):

@@ -53,15 +53,19 @@ def pareto(rows: List[Dict[str, Any]], path: str, metric: str = 'miou',
 
   Every row of a policy (or of its `family`, e.g. 'evit (fine-tuned)',
   when the row has one) is a dot; its Pareto front (front()) is joined and
-  labelled; fine-tuned families are drawn dashed with squares. The unpruned model is a black star with a dashed line at its
-  quality. Rows more than max_drop points below the unpruned model are left
-  off the axes and named in a note, so one failed setting does not flatten
-  the rest.
+  labelled; fine-tuned families are drawn dashed with squares. The
+  unpruned model is a black star with a dashed line at its quality; an
+  unpruned row with a family (the fine-tunes' control: the same extra
+  steps without a policy) is a hollow star with a dotted line. Rows more
+  than max_drop points below the unpruned model are left off the axes and
+  named in a note, so one failed setting does not flatten the rest.
   """
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
   group = lambda r: r.get('family') or r['policy']
   policies = sorted({group(r) for r in rows if r['policy'] != 'none'})
-  unpruned = [r for r in rows if r['policy'] == 'none']
+  unpruned = [r for r in rows if r['policy'] == 'none'
+              and not r.get('family')]
+  controls = [r for r in rows if r['policy'] == 'none' and r.get('family')]
   floor = unpruned[-1][metric] - max_drop if unpruned else -np.inf
   cmap = plt.get_cmap('tab10')
   off = []
@@ -86,6 +90,10 @@ def pareto(rows: List[Dict[str, Any]], path: str, metric: str = 'miou',
     ax.plot(r['gflops_effective'], r[metric], '*', color='k', ms=11,
             label='unpruned')
     ax.axhline(r[metric], color='k', ls='--', lw=0.6)
+  for r in controls:
+    ax.plot(r['gflops_effective'], r[metric], '*', mfc='none', color='k',
+            ms=11, label=r['family'])
+    ax.axhline(r[metric], color='k', ls=':', lw=0.6)
   if off:
     ax.text(0.01, 0.01, 'off the axes (more than %g below): %s' % (
         max_drop, ', '.join(off)), transform=ax.transAxes, fontsize=5)
@@ -273,7 +281,7 @@ def merged_rows(paths: List[str]) -> List[Dict[str, Any]]:
     with open(path) as f:
       rows += [r for r in json.load(f)['rows']
                if not r['name'].startswith('pick/')
-               and (i == 0 or r['policy'] != 'none')]
+               and (i == 0 or r['policy'] != 'none' or r.get('family'))]
   return rows
 
 

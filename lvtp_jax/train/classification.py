@@ -134,6 +134,12 @@ def train(config: ml_collections.ConfigDict, workdir: str
     raise ValueError(f'the {synthetic_objects.NAME} images are '
                      f'{source.difficulty.size} px but model.img_size is '
                      f'{config.model.img_size}; set data.difficulty.size.')
+  d = source.difficulty
+  if d.chain and d.cell != config.model.patch_size:
+    raise ValueError(f'the lookup task\'s cards are {d.cell} px '
+                     f'(data.difficulty.cell) but model.patch_size is '
+                     f'{config.model.patch_size}: a card is meant to be one '
+                     'patch; set data.difficulty.cell.')
   tx = optim.make_optimizer(config.train)
   schedule = optim.make_schedule(config.train)
   state, start, ckpt = loop.start_state(config, workdir, params, tx, mesh)
