@@ -202,7 +202,7 @@ def test_quickstart_runlocal_end_to_end(quickstart_run):
   assert len(lvtp['params']['capacities']) == 1
   assert lvtp['capacity_per_stage'][0] == unpruned['tokens_per_stage'][0]
   for row in (dtop, lvtp):
-    assert row['speedup'] > 0 and row['realized_flops_ratio'] > 0
+    assert row['speedup'] > 0 and row['realized_flop_ratio'] > 0
     assert 0 <= row['overflow_forwards'] <= row['forwards']
     assert 0 <= row['decision_share'] < 0.1
     # Patch accuracy of the exited and the remaining patches, pruned vs

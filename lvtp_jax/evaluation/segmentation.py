@@ -27,7 +27,7 @@ averaged over the evaluated images), images_per_second, device,
 stage_starts (first block of each stage) and tokens_per_stage (mean valid
 slots, prefix included). Pruned rows add: speedup (images/s over the
 unpruned model's, timed interleaved in the same process),
-realized_flops_ratio (unpruned / pruned XLA FLOPs: the speed-up the
+realized_flop_ratio (unpruned / pruned XLA FLOPs: the speed-up the
 compiled program allows), gflops_decisions and decision_share (the policy's
 own scoring and clustering, XLA-counted, and its share of gflops_realized),
 capacity_per_stage (buffer slots), exit_fraction_per_stage and
@@ -319,7 +319,7 @@ def evaluate_model(config: ml_collections.ConfigDict,
   if spec is None:
     return row, []
   row.update(speedup=measured['speedup'],
-             realized_flops_ratio=measured['realized_ratio'])
+             realized_flop_ratio=measured['realized_ratio'])
   if stats.mlp_tokens() is not None:   # an in-block reduction ran
     row.update(tokens_per_block=[float(t + p) for t in mean_tokens],
                mlp_tokens_per_block=[float(t + p) for t in

@@ -24,6 +24,11 @@ def _reference(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
   return (named or none)[0]
 
 
+def _realized_ratio(row: Dict[str, Any]) -> float:
+  # Segmentation rows before 2026-12-05 spelled it realized_flops_ratio.
+  return row.get('realized_flop_ratio', row.get('realized_flops_ratio', 1.0))
+
+
 def markdown(rows: List[Dict[str, Any]]) -> str:
   """The table (module docstring) of segmentation rows."""
   ref = _reference(rows)
@@ -43,7 +48,7 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
         f'{r["boundary_miou"] - ref["boundary_miou"]:+.2f} | '
         f'{r["gflops_effective"]:.3f} | {cut:.1f}% | '
         f'{r["gflops_realized"]:.3f} | {r.get("speedup", 1.0):.2f}x | '
-        f'{r.get("realized_flops_ratio", 1.0):.2f}x | {overflow} | '
+        f'{_realized_ratio(r):.2f}x | {overflow} | '
         f'{100 * r.get("decision_share", 0.0):.2f}% |')
   return '\n'.join(lines)
 
