@@ -136,9 +136,7 @@ def generate(rng: np.random.Generator, difficulty: Difficulty = Difficulty()
     colour = _colour(rng, d, label if target else rng.integers(NUM_CLASSES))
     d2 = (yy - cy) ** 2 + (xx - cx) ** 2
     if target:
-      disc = d2 <= r * r
-      img[disc & checks] = colour
-      img[disc & ~checks] = colour * (1.0 - d.contrast) + d.contrast
+      _checkered(img, d2 <= r * r, checks, colour, d.contrast)
       where = (float(cy), float(cx), float(r))
       continue
     if rng.random() < 0.5:
@@ -147,6 +145,14 @@ def generate(rng: np.random.Generator, difficulty: Difficulty = Difficulty()
       mask = d2 <= r * r
     img[mask] = colour
   return _to_uint8(img), label, where
+
+
+def _checkered(img: np.ndarray, mask: np.ndarray, checks: np.ndarray,
+               colour: np.ndarray, contrast: float) -> None:
+  """Paints mask in checks of colour and of colour lightened by contrast
+  towards white (the colour task's target, the lookup task's marker)."""
+  img[mask & checks] = colour
+  img[mask & ~checks] = colour * (1.0 - contrast) + contrast
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -197,7 +203,10 @@ def lookup_layout(rng: np.random.Generator, d: Difficulty) -> Dict[str, Any]:
       int((k + rng.integers(1, NUM_CLASSES)) % NUM_CLASSES) for k in other]
   cells = rng.permutation(g * g)[:count + 1]       # the cards, the marker
   spots = [(int(i) // g, int(i) % g) for i in cells]
-  order = rng.permutation(count)                   # pair i goes to spot
+  # Pair i goes to spot order[i]. (The cells are already in random order,
+  # so this draw adds nothing; it stays so that the images, and the
+  # numbers measured on them, stay the same.)
+  order = rng.permutation(count)
   pairs = [(*spots[order[i]], keys[i], values[i]) for i in range(count)]
   return dict(marker=(*spots[-1], int(walk[0])), pairs=pairs,
               path=[spots[order[i]] for i in range(d.chain)],
@@ -222,9 +231,8 @@ def _lookup(rng: np.random.Generator, d: Difficulty, img: np.ndarray):
     cell[centre] = _colour(rng, d, value)
   r, col, cls = layout['marker']
   colour = _colour(rng, d, cls)
-  cell = img[r * c:(r + 1) * c, col * c:(col + 1) * c]
-  cell[square & checks] = colour
-  cell[square & ~checks] = colour * (1.0 - d.contrast) + d.contrast
+  _checkered(img[r * c:(r + 1) * c, col * c:(col + 1) * c], square, checks,
+             colour, d.contrast)
   r, col = layout['path'][-1]
   where = ((r + 0.5) * c, (col + 0.5) * c, c / 2.0 - b)
   return _to_uint8(img), layout['label'], where
