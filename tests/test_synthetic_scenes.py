@@ -102,6 +102,69 @@ def test_snakes_take_the_class_of_their_marker_far_away():
   assert np.mean(far) > 0.3, np.mean(far)      # 4+ patches of 8 px away
 
 
+def test_paths_are_chains_of_patches_led_by_their_marker():
+  """The 'paths' config: every tube covers a simple chain of 8 x 8 cells
+  (each cell has at most two tube neighbours, no other tube within one
+  cell, diagonals included), takes one thing class, and has its marker in
+  an end cell with the class's hue; many tube cells are far from the
+  marker along the chain."""
+  import colorsys  # pylint: disable=g-import-not-at-top
+  cell, steps = gen.PATH_CELL, []
+  for i in range(12):
+    img, lab = gen.generate_example('validation', i, difficulty=0.0,
+                                    paths=True)
+    regions, count = ndimage.label(np.isin(lab, gen.THING_CLASSES))
+    assert 3 <= count <= 6, (i, count)
+    n = lab.shape[0] // cell
+    owner = np.zeros((n, n), int)
+    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in
+                    img.reshape(-1, 3) / 255.0]).reshape(img.shape)
+    for r in range(1, count + 1):
+      region = regions == r
+      (cls,) = np.unique(lab[region])
+      cells = region.reshape(n, cell, n, cell).any(axis=(1, 3))
+      assert not (owner[cells] > 0).any(), (i, r)      # cells not shared
+      grown = ndimage.binary_dilation(cells, np.ones((3, 3), bool))
+      assert not (owner[grown] > 0).any(), (i, r)      # one free cell apart
+      owner[cells] = r
+      ys, xs = np.nonzero(cells)
+      degree = {(y, x): sum(cells[y + a, x + b] for a, b in
+                            ((0, 1), (1, 0), (0, -1), (-1, 0))
+                            if 0 <= y + a < n and 0 <= x + b < n)
+                for y, x in zip(ys, xs)}
+      assert len(degree) >= 5 and max(degree.values()) <= 2, (i, r)
+      ends = [k for k, d in degree.items() if d == 1]
+      assert len(ends) == 2, (i, r, ends)              # a simple chain
+      marker = region & (hsv[..., 1] > 0.6)
+      assert marker.sum() >= 25, (i, r)
+      hue = np.median(hsv[..., 0][marker])
+      gap = abs((hue - gen.SNAKE_HUES[int(cls)] + 0.5) % 1.0 - 0.5)
+      assert gap < 0.05, (i, r, hue, cls)
+      head = tuple(int(v) for v in np.argwhere(marker).mean(axis=0) // cell)
+      assert head in ends, (i, r, head, ends)
+      # Chain distance of every cell from the head (breadth first).
+      dist, frontier = {head: 0}, [head]
+      while frontier:
+        y, x = frontier.pop(0)
+        for a, b in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+          k = (y + a, x + b)
+          if k in degree and k not in dist:
+            dist[k] = dist[(y, x)] + 1
+            frontier.append(k)
+      assert len(dist) == len(degree)                  # connected
+      steps.extend(dist.values())
+      # path_steps, the generator's own record, agrees with the chain.
+      recorded = gen.path_steps('validation', i, difficulty=0.0)
+      assert {k: int(recorded[k]) for k in dist} == dist, (i, r)
+    assert ((recorded >= 0) == (owner > 0)).all(), i
+  assert np.mean(np.array(steps) >= 6) > 0.2, np.mean(np.array(steps) >= 6)
+
+
+def test_one_scene_set_at_a_time():
+  with pytest.raises(ValueError, match='one of them'):
+    gen.generate_example('train', 0, snakes=True, paths=True)
+
+
 def test_prepared_tiny_dataset_equals_the_generator(tmp_path):
   synthetic_scenes.prepare(str(tmp_path), config='tiny')
   source = tfds.data_source('synthetic_scenes/tiny', split='validation',

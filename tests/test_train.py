@@ -597,3 +597,38 @@ def test_block_probe_on_the_trained_quickstart(quickstart_run, data_dir):
         total += 1
   assert out['eval_patches'] == total
   assert out['rows'][-1]['token_accuracy'] == pytest.approx(hits / total)
+
+
+def test_block_probe_scores_per_distance_along_the_paths():
+  """accuracy_by_steps groups the patches by chain steps (off-tube patches
+  apart) and counts hits per group, as a plain loop does."""
+  from lvtp_jax.evaluation import block_probe  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  steps = rng.integers(-1, 16, 500)
+  labels = rng.integers(0, 4, 500)
+  preds = {'a': rng.integers(0, 4, 500), 'b': labels.copy()}
+  rows = block_probe.accuracy_by_steps(preds, labels, steps)
+  assert [r['name'] for r in rows] == ['a', 'b']
+  groups = {'off tubes': lambda s: s < 0, 'steps 0-2': lambda s: 0 <= s <= 2,
+            'steps 3-5': lambda s: 3 <= s <= 5,
+            'steps 6-8': lambda s: 6 <= s <= 8,
+            'steps 9-11': lambda s: 9 <= s <= 11,
+            'steps 12+': lambda s: s >= 12}
+  assert list(rows[0]['patches']) == list(groups)
+  for g, member in groups.items():
+    idx = [i for i in range(500) if member(steps[i])]
+    assert rows[0]['patches'][g] == len(idx)
+    hits = sum(int(preds['a'][i] == labels[i]) for i in idx)
+    assert rows[0]['token_accuracy'][g] == pytest.approx(hits / len(idx))
+    assert rows[1]['token_accuracy'][g] == 1.0
+  # An empty group has no accuracy rather than a division by zero.
+  none = block_probe.accuracy_by_steps(preds, labels, np.full(500, -1))
+  assert none[0]['token_accuracy']['steps 12+'] is None
+
+
+def test_block_probe_by_steps_needs_the_paths_scenes(quickstart_run, data_dir):
+  from lvtp_jax.evaluation import block_probe  # pylint: disable=g-import-not-at-top
+  workdir, _ = quickstart_run
+  with pytest.raises(ValueError, match='synthetic_scenes/paths'):
+    block_probe.run(_config(data_dir), workdir, train_images=4,
+                    eval_images=4, steps=2, by_steps=True)

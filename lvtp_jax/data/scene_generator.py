@@ -97,6 +97,7 @@ class _Canvas:
     self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     self.image = np.zeros((size, size, 3))
     self.label = np.zeros((size, size), np.uint8)
+    self.path_steps = None   # 'paths' scenes: steps from the marker per cell
 
   def paint(self, mask: np.ndarray, texture: np.ndarray, class_id: int):
     """Paints `texture` [S, S, 3] and `class_id` where mask [S, S] is True."""
@@ -472,6 +473,98 @@ def _paint_snakes(c: _Canvas):
               where=head[..., None])
 
 
+# Paths: tubes that run along the patch grid, so that a tube token's only
+# link to its marker is a chain of neighbouring tube tokens.
+
+PATH_CELL = 8   # Grid step of the paths in pixels (the test bed's patch size).
+
+
+def _grid_path(c: _Canvas, blocked: np.ndarray, length: int) -> list:
+  """A self-avoiding walk of up to `length` cells on the cell grid.
+
+  Starts on a free cell, goes straight with probability 0.6 and otherwise
+  turns left or right; never enters a `blocked` cell (other paths and their
+  surroundings) and never touches itself: a new cell's 8-neighbours on the
+  path may only be the current cell and the one before it. Stops early
+  where no step is allowed.
+  """
+  n = blocked.shape[0]
+  free = np.argwhere(~blocked)
+  if not len(free):
+    return []
+  cells = [tuple(free[c.rng.integers(len(free))])]
+  heading = c.rng.integers(4)
+  moves = ((0, 1), (1, 0), (0, -1), (-1, 0))
+  on_path = {cells[0]}
+  while len(cells) < length:
+    turn = c.rng.choice((1, -1))
+    order = [heading, heading + turn, heading - turn]
+    if c.rng.random() >= 0.6:   # Turns first, straight on as a fallback.
+      order = order[1:] + order[:1]
+    for h in order:
+      dy, dx = moves[h % 4]
+      y, x = cells[-1][0] + dy, cells[-1][1] + dx
+      if not (0 <= y < n and 0 <= x < n) or blocked[y, x]:
+        continue
+      touching = {(y + a, x + b) for a in (-1, 0, 1) for b in (-1, 0, 1)
+                  } & on_path
+      if touching <= set(cells[-2:]):
+        heading = h % 4
+        cells.append((y, x))
+        on_path.add((y, x))
+        break
+    else:
+      break
+  return cells
+
+
+def _paint_paths(c: _Canvas):
+  """3-6 grey tubes along the patch grid, each with a marker at its head.
+
+  Every tube is a self-avoiding walk of 5-18 cells of PATH_CELL px
+  (`_grid_path`), drawn as a stroke 5-7 px wide through the cell centres;
+  tubes keep at least one free cell (diagonals included) between each
+  other. The head cell holds a saturated marker (a disk of radius 3.5 px)
+  and the whole tube takes the class whose hue (SNAKE_HUES) the marker has.
+  All tubes share one grey, so a tube cell k steps from its head learns its
+  class only through the k - 1 tube cells between them: with one patch per
+  cell, a chain of k tokens. Unlike the free-form snakes, the chain is
+  unambiguous at the patch level (each tube token's tube neighbours are
+  exactly its two path neighbours).
+  """
+  n = c.size // PATH_CELL
+  blocked = np.zeros((n, n), bool)
+  c.path_steps = np.full((n, n), -1, np.int32)
+  grey = _hsv(c.rng.random(), c.rng.uniform(0.0, 0.08),
+              c.rng.uniform(0.6, 0.85))
+  texture = grey * (1 + 0.04 * _grain(c, (1.0, 1.0)))[..., None]
+  for _ in range(c.rng.integers(3, 7)):
+    cells = []
+    for _ in range(10):   # Tries to fit a path of at least 5 cells.
+      cells = _grid_path(c, blocked, int(c.rng.integers(5, 19)))
+      if len(cells) >= 5:
+        break
+    if len(cells) < 5:
+      continue
+    half = c.rng.uniform(2.5, 3.5)
+    centres = (np.array(cells, np.float64) + 0.5) * PATH_CELL
+    tube = np.zeros((c.size, c.size), bool)
+    for a, b in zip(centres, np.concatenate([centres[:1], centres[:-1]])):
+      lo, hi = np.minimum(a, b) - half, np.maximum(a, b) + half
+      tube |= ((c.yy >= lo[0]) & (c.yy <= hi[0]) &
+               (c.xx >= lo[1]) & (c.xx <= hi[1]))
+    head = np.hypot(c.yy - centres[0, 0], c.xx - centres[0, 1]) <= 3.5
+    for k, (y, x) in enumerate(cells):
+      blocked[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = True
+      c.path_steps[y, x] = k
+    class_id = THING_CLASSES[c.rng.integers(len(THING_CLASSES))]
+    c.paint(tube | head, texture, class_id)
+    colour = _hsv(SNAKE_HUES[class_id] + c.rng.uniform(-0.03, 0.03),
+                  c.rng.uniform(0.75, 1.0), c.rng.uniform(0.8, 1.0))
+    np.copyto(c.image, np.broadcast_to(colour, c.image.shape),
+              where=head[..., None])
+
+
 # ----------------------------------------------------------------------------
 # Photometric effects and the public API.
 # ----------------------------------------------------------------------------
@@ -498,7 +591,8 @@ def generate_example(
     split: str, index: int, *, size: int = DEFAULT_SIZE,
     difficulty: float = DEFAULT_DIFFICULTY,
     plain_shapes: bool = False,
-    snakes: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    snakes: bool = False,
+    paths: bool = False) -> Tuple[np.ndarray, np.ndarray]:
   """Generates example `index` of `split` (deterministic, independent).
 
   Args:
@@ -512,6 +606,9 @@ def generate_example(
       only, far from most of their patches (the 'shapes' config).
     snakes: instead of the things, 3-5 grey tubes whose class is the
       colour of a marker at one end (`_paint_snakes`; the 'snakes' config).
+    paths: instead of the things, 3-6 grey tubes along the 8-px grid whose
+      class is the colour of a marker at one end (`_paint_paths`; the
+      'paths' config). At most one of snakes and paths.
 
   Returns:
     image: uint8 [S, S, 3] RGB.
@@ -523,14 +620,41 @@ def generate_example(
   if index < 0 or size < 16 or difficulty < 0:
     raise ValueError(f'need index >= 0, size >= 16 and difficulty >= 0, got '
                      f'index={index}, size={size}, difficulty={difficulty}.')
+  if snakes and paths:
+    raise ValueError('generate_example: snakes and paths are two scene '
+                     'sets; ask for one of them.')
+  canvas = _scene(split, index, size, difficulty, plain_shapes, snakes, paths)
+  return _photometric(canvas), canvas.label
+
+
+def _scene(split: str, index: int, size: int, difficulty: float,
+           plain_shapes: bool, snakes: bool, paths: bool) -> _Canvas:
+  """The painted canvas of an example, before the photometric effects."""
   rng = np.random.default_rng([SPLIT_IDS[split], index])
   canvas = _Canvas(rng, size, float(difficulty), plain_shapes)
   _paint_stuff(canvas)
   if snakes:
     _paint_snakes(canvas)
+  elif paths:
+    _paint_paths(canvas)
   else:
     _paint_things(canvas)
-  return _photometric(canvas), canvas.label
+  return canvas
+
+
+def path_steps(split: str, index: int, *, size: int = DEFAULT_SIZE,
+               difficulty: float = DEFAULT_DIFFICULTY) -> np.ndarray:
+  """Chain steps of a 'paths' example (`generate_example(..., paths=True)`).
+
+  Returns int32 [S / PATH_CELL, S / PATH_CELL]: for every cell of a tube,
+  how many cells along the tube it is from the tube's head (0: the marker's
+  cell); -1 for cells off the tubes. The same scene as generate_example's
+  (the photometric effects come after the painting).
+  """
+  if split not in SPLIT_IDS:
+    raise ValueError(f'unknown split {split!r}; expected one of '
+                     f'{sorted(SPLIT_IDS)}.')
+  return _scene(split, index, size, difficulty, False, False, True).path_steps
 
 
 def hard_patches(label: np.ndarray, patch: int = 16) -> np.ndarray:

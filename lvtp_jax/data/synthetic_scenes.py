@@ -15,6 +15,9 @@ Configs (image size 128, i.e. an 8x8 token grid with 16x16 patches):
 * 'snakes': as 'hard' in size, difficulty 1.5, with grey tubes whose class
   is the colour of a marker at one end (the label of a tube patch is
   often many patches away).
+* 'paths': as 'snakes', with the tubes drawn along the 8-px patch grid, so
+  that a tube patch reaches its marker only through a chain of tube
+  patches.
 * 'tiny': 32 train / 16 validation / 8 selection images, for tests.
 
 The 'selection' split is held out from training and from the reported
@@ -68,6 +71,7 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
   difficulty: float = scene_generator.DEFAULT_DIFFICULTY
   plain_shapes: bool = False
   snakes: bool = False
+  paths: bool = False
 
 
 def _testbed_config(name: str, description: str,
@@ -112,6 +116,12 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
                        '3-5 grey tubes instead of things; a tube\'s class is '
                        'the colour of the marker at its head, often many '
                        'patches away.')),
+      _testbed_config(
+          'paths', difficulty=1.5, paths=True,
+          description=('stuff as in the other configs (difficulty 1.5) with '
+                       '3-6 grey tubes along the 8-px patch grid instead of '
+                       'things; a tube\'s class is the colour of the marker '
+                       'at its head, up to 17 patches away along the tube.')),
       SyntheticScenesConfig(
           name='tiny', num_train=32, num_validation=16, num_selection=8,
           description=('32 train / 16 validation / 8 selection, 128x128, '
@@ -152,7 +162,8 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
     for index in range(count):
       image, label = generate_example(
           split, index, size=config.image_size, difficulty=config.difficulty,
-          plain_shapes=config.plain_shapes, snakes=config.snakes)
+          plain_shapes=config.plain_shapes, snakes=config.snakes,
+          paths=config.paths)
       yield index, {'image': image, 'segmentation': label[..., None],
                     'index': index}
 

@@ -16,6 +16,12 @@ scored on the same patches. If a probe after block 2 already matches the
 final decoder, the task is solved there and no placement of exits can
 rank policies (docs/benchmark_seg.md).
 
+On synthetic_scenes/paths, `--by_steps` also scores every read-out per
+distance along the tubes: off-tube patches, and tube patches 0-2, 3-5,
+6-8, 9-11 and 12+ cells from their marker (scene_generator.path_steps).
+Where the late blocks carry a tube's class further from its marker, the
+heads after blocks 6 and 8 fall behind the decoder on the far cells.
+
 Writes WORKDIR/block_probe.json and prints a table. The probes are fitted
 full-batch with Adam (`--steps`, learning rate 1e-2, from zero weights);
 they are a lower bound on what block k holds (a linear read-out, briefly
@@ -72,12 +78,16 @@ def block_tokens_fn(model, blocks: Tuple[int, ...]):
   return jax.jit(lambda p, x: model.apply({'params': p}, x, method=run))
 
 
+STEP_BUCKETS = ((0, 2), (3, 5), (6, 8), (9, 11), (12, None))
+
+
 def collect(config, model, params, prep, split: str, num: int,
-            blocks: Tuple[int, ...]) -> Tuple[Dict[str, np.ndarray],
-                                              np.ndarray]:
+            blocks: Tuple[int, ...], patch_steps=None
+            ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
   """Per-patch features and labels of the first `num` images of `split`,
   flattened over images: ({name: [P, ...]}, labels [P]), labelled patches
-  only."""
+  only. With `patch_steps` (example index -> [N] ints), the features also
+  hold 'steps' [P]."""
   dataset = segmentation_datasets.get_dataset(config.data.name)
   source = segmentation_datasets.open_segmentation_source(
       config.data.name, split, config.data.data_dir or None)
@@ -91,10 +101,17 @@ def collect(config, model, params, prep, split: str, num: int,
   feats: Dict[str, List[np.ndarray]] = {}
   labels = []
   forward = block_tokens_fn(model, blocks)
+  seen = 0
   for batch in batches:
     rows = np.asarray(batch['mask'])
     out = {k: np.asarray(v, np.float32) for k, v in
            forward(params, jnp.asarray(batch['image'])).items()}
+    if patch_steps is not None:   # batches follow the source's order
+      steps = np.zeros(out['final'].shape[:2], np.int32)
+      for row in range(int(rows.sum())):
+        steps[row] = patch_steps(int(source[seen + row]['index']))
+      seen += int(rows.sum())
+      out['steps'] = steps
     lab = patch_labels(np.asarray(batch['segmentation']), model.patch_size,
                        model.num_classes, dataset.ignore_index)[rows]
     keep = lab >= 0
@@ -131,13 +148,62 @@ def _probe_step(w, s, xs, ys):
   return optax.apply_updates(w, u), s
 
 
+def accuracy_by_steps(preds: Dict[str, np.ndarray], labels: np.ndarray,
+                      steps: np.ndarray, buckets=STEP_BUCKETS
+                      ) -> List[Dict[str, Any]]:
+  """Token accuracy of every read-out per group of patches.
+
+  preds: {read-out name: [P] predicted classes}; labels, steps: [P] (steps
+  < 0 off the tubes). Returns one row per read-out: dict(name, patches
+  {group: count}, token_accuracy {group: accuracy or None when empty}),
+  groups 'off tubes' and 'steps a-b' / 'steps a+' per bucket.
+  """
+  groups = {'off tubes': steps < 0}
+  for lo, hi in buckets:
+    name = f'steps {lo}+' if hi is None else f'steps {lo}-{hi}'
+    groups[name] = (steps >= lo) & (True if hi is None else steps <= hi)
+  rows = []
+  for name, pred in preds.items():
+    hit = pred == labels
+    rows.append(dict(
+        name=name, patches={g: int(m.sum()) for g, m in groups.items()},
+        token_accuracy={g: float(hit[m].mean()) if m.any() else None
+                        for g, m in groups.items()}))
+  return rows
+
+
+def _paths_steps(config, model):
+  """example index -> [N] chain steps of its patches ('paths' scenes)."""
+  from lvtp_jax.data import scene_generator   # pylint: disable=g-import-not-at-top
+  from lvtp_jax.data import synthetic_scenes  # pylint: disable=g-import-not-at-top
+  name = config.data.name
+  if name != 'synthetic_scenes/paths':
+    raise ValueError(f'--by_steps needs config.data.name='
+                     f"'synthetic_scenes/paths' (got {name!r}): only those "
+                     'scenes have chains to count steps along.')
+  if model.patch_size != scene_generator.PATH_CELL:
+    raise ValueError(f'--by_steps: the model\'s patch size '
+                     f'{model.patch_size} is not the paths\' cell '
+                     f'{scene_generator.PATH_CELL} px.')
+  cfg = next(c for c in synthetic_scenes.SyntheticScenes.BUILDER_CONFIGS
+             if c.name == 'paths')
+  if config.eval.size != cfg.image_size or config.eval.short_size:
+    raise ValueError('--by_steps needs the images at their own size '
+                     f'(config.eval.size={cfg.image_size}, short_size=0).')
+  split = config.data.split
+  return lambda index: scene_generator.path_steps(
+      split, index, size=cfg.image_size, difficulty=cfg.difficulty).ravel()
+
+
 def run(config, workdir: str, train_images: int, eval_images: int,
-        steps: int, blocks: Tuple[int, ...] = ()) -> Dict[str, Any]:
+        steps: int, blocks: Tuple[int, ...] = (),
+        by_steps: bool = False) -> Dict[str, Any]:
   """The probes and heads of the model of (config, workdir)."""
   if config.eval.mode != 'whole':
     raise ValueError("block_probe needs config.eval.mode='whole' (one token "
                      'grid per image).')
   model, params, prep, source = segmentation.build_model(config, workdir)
+  patch_steps = _paths_steps(config, model) if by_steps else None
   blocks = tuple(blocks) or tuple(range(1, model.depth + 1))
   bad = [k for k in blocks if not 1 <= k <= model.depth]
   if bad:
@@ -146,30 +212,45 @@ def run(config, workdir: str, train_images: int, eval_images: int,
   tr, ytr = collect(config, model, params, prep, train_split, train_images,
                     blocks)
   ev, yev = collect(config, model, params, prep, config.data.split,
-                    eval_images, blocks)
-  rows = []
+                    eval_images, blocks, patch_steps)
+  rows, preds = [], {}
   for k in blocks:
     mean, std, w, b = fit_probe(tr[f'block{k}'], ytr, model.num_classes,
                                 steps)
     pred = (((ev[f'block{k}'] - mean) / std) @ w + b).argmax(-1)
+    preds[f'probe after block {k}'] = pred
     rows.append(dict(name=f'probe after block {k}', block=k,
                      token_accuracy=float((pred == yev).mean())))
   heads = sorted(int(n[4:]) for n in ev if n.startswith('head'))
   for name in [f'head{k}' for k in heads] + ['final']:
     block = model.depth if name == 'final' else int(name[4:])
-    rows.append(dict(
-        name='final decoder' if name == 'final' else f'aux head {block}',
-        block=block, token_accuracy=float((ev[name].argmax(-1) == yev).mean())))
-  return dict(weights=source, train_split=train_split,
-              train_images=train_images, train_patches=int(len(ytr)),
-              eval_split=config.data.split, eval_images=eval_images,
-              eval_patches=int(len(yev)), steps=steps, rows=rows)
+    label = 'final decoder' if name == 'final' else f'aux head {block}'
+    preds[label] = ev[name].argmax(-1)
+    rows.append(dict(name=label, block=block, token_accuracy=float(
+        (preds[label] == yev).mean())))
+  out = dict(weights=source, train_split=train_split,
+             train_images=train_images, train_patches=int(len(ytr)),
+             eval_split=config.data.split, eval_images=eval_images,
+             eval_patches=int(len(yev)), steps=steps, rows=rows)
+  if by_steps:
+    out['by_steps'] = accuracy_by_steps(preds, yev, ev['steps'])
+  return out
 
 
 def table(out: Dict[str, Any]) -> str:
   lines = ['| read-out | block | token accuracy |', '|---|---|---|']
   lines += [f"| {r['name']} | {r['block']} | {100 * r['token_accuracy']:.2f} |"
             for r in out['rows']]
+  if 'by_steps' in out:
+    groups = list(out['by_steps'][0]['patches'])
+    counts = out['by_steps'][0]['patches']
+    lines += ['', '| read-out | ' + ' | '.join(
+        f'{g} ({counts[g]})' for g in groups) + ' |',
+              '|---|' + '---|' * len(groups)]
+    fmt = lambda v: '-' if v is None else f'{100 * v:.2f}'
+    lines += [f"| {r['name']} | " + ' | '.join(
+        fmt(r['token_accuracy'][g]) for g in groups) + ' |'
+              for r in out['by_steps']]
   return '\n'.join(lines)
 
 
@@ -177,7 +258,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   out = run(f.config, f.workdir, f.train_images, f.eval_images, f.steps,
-            tuple(int(b) for b in f.blocks))
+            tuple(int(b) for b in f.blocks), f.by_steps)
   print(table(out))
   path = os.path.join(f.workdir, 'block_probe.json')
   with open(path, 'w') as fh:
@@ -194,5 +275,7 @@ if __name__ == '__main__':
                        'probes and heads are scored on')
   flags.DEFINE_integer('steps', 400, 'Adam steps of each probe')
   flags.DEFINE_list('blocks', [], 'blocks to probe (default: all)')
+  flags.DEFINE_bool('by_steps', False, 'synthetic_scenes/paths: also score '
+                    'per distance along the tubes (module docstring)')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

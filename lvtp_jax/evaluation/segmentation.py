@@ -316,6 +316,8 @@ def evaluate_model(config: ml_collections.ConfigDict,
       stage_starts=starts,
       tokens_per_stage=[float(mean_tokens[s] + p) for s in starts],
   )
+  if config.eval.get('family'):
+    row['family'] = config.eval.family   # e.g. 'dtop (summaries)'
   if spec is None:
     return row, []
   row.update(speedup=measured['speedup'],
@@ -353,6 +355,7 @@ def config_defaults() -> ml_collections.ConfigDict:
   """config.eval fields segmentation evaluation reads (documented defaults)."""
   return ml_collections.ConfigDict(dict(
       name='',            # row name ('' = the policy name)
+      family='',          # plot / selection group ('' = the policy name)
       mode='slide',       # 'whole' (fixed-size batches) or 'slide' (official)
       size=0,             # whole: pad every image to size x size
       short_size=512,     # resize the short side to this (0: keep the size)

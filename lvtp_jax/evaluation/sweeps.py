@@ -206,7 +206,8 @@ def testbed_grid() -> Sweep:
   P 8/16 (config.pruning.dense 'source'; EViT 0.7 and GTP P16 also with
   'interpolate'), and composed policies: LVTP-R with summaries + ToMe r
   8/16 in the blocks before the first auxiliary head, DToP p0 0.8 + ToMe
-  r 16."""
+  r 16; and DToP p0 0.5 / 0.8 with LVTP-R's per-class exit summaries
+  (family 'dtop (summaries)', chosen apart from DToP's official rule)."""
   grid = [('unpruned', {})]
   for f in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
     grid.append((f'random{f}', {'pruning.name': 'random',
@@ -238,6 +239,10 @@ def testbed_grid() -> Sweep:
   grid.append(('dtop_p0.8+tome_r16', {
       'pruning.name': 'dtop+tome', 'pruning.dtop.threshold': 0.8,
       'pruning.tome.r': 16}))
+  for p0 in (0.5, 0.8):   # Not DToP's own rule: chosen as its own family.
+    grid.append((f'dtop_p{p0}_sum', dict(SUMMARY, **{
+        'pruning.name': 'dtop', 'pruning.dtop.threshold': p0,
+        'eval.family': 'dtop (summaries)'})))
   return tuple(dict(setting, **{'eval.name': name}) for name, setting in grid)
 
 
