@@ -199,6 +199,10 @@ def test_preview_writes_a_png(tmp_path):
   path = tmp_path / 'preview.png'
   synthetic_scenes.save_preview(str(path), indices=(0, 1))
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  synthetic_scenes.save_preview(str(path), indices=(0,), config='paths')
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  with pytest.raises(ValueError, match='unknown synthetic_scenes config'):
+    synthetic_scenes.save_preview(str(path), config='pathz')
 
 
 def test_edge_statistics_match_a_direct_count():

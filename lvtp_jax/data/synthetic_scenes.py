@@ -191,16 +191,29 @@ def prepare(data_dir: Optional[str], config: str = 'default') -> None:
 
 def save_preview(path: str, indices: Sequence[int] = tuple(range(8)),
                  split: str = 'validation',
-                 difficulty: float = scene_generator.DEFAULT_DIFFICULTY
-                 ) -> None:
-  """Writes a PNG of samples (image, label map with the 16 px patch grid).
+                 difficulty: float = scene_generator.DEFAULT_DIFFICULTY,
+                 config: Optional[str] = None) -> None:
+  """Writes a PNG of samples (image, label map with the patch grid).
 
   Args:
     path: output file.
     indices: example indices to show, in pairs of columns, two samples a row.
     split: split to draw the samples from.
-    difficulty: generator difficulty.
+    difficulty: generator difficulty (when no config is given).
+    config: a builder config's name ('hard', 'snakes', 'paths', ...): its
+      generator settings instead of `difficulty` (the grid is 8 px for
+      'paths', the test bed's patch, else 16 px).
   """
+  kwargs, grid = dict(difficulty=difficulty), 16
+  if config is not None:
+    named = {c.name: c for c in SyntheticScenes.BUILDER_CONFIGS}
+    if config not in named:
+      raise ValueError(f'unknown synthetic_scenes config {config!r}; '
+                       f'expected one of {sorted(named)}.')
+    cfg = named[config]
+    kwargs = dict(difficulty=cfg.difficulty, plain_shapes=cfg.plain_shapes,
+                  snakes=cfg.snakes, paths=cfg.paths)
+    grid = scene_generator.PATH_CELL if cfg.paths else 16
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')  # No display: only files are written.
   from matplotlib import patches as mpatches  # pylint: disable=g-import-not-at-top
@@ -212,17 +225,17 @@ def save_preview(path: str, indices: Sequence[int] = tuple(range(8)),
   for ax in axes.ravel():
     ax.axis('off')
   for k, index in enumerate(indices):
-    image, label = generate_example(split, index, difficulty=difficulty)
+    image, label = generate_example(split, index, **kwargs)
     ax_image, ax_label = axes[k // 2, 2 * (k % 2)], axes[k // 2, 2 * (k % 2) + 1]
     ax_image.imshow(image, interpolation='nearest')
     ax_image.set_title(f'{split} #{index}', fontsize=9)
     ax_label.imshow(PALETTE[label], interpolation='nearest')
     # Patch grid, so that easy and hard tokens can be seen.
-    for line in range(16, label.shape[0], 16):
+    for line in range(grid, label.shape[0], grid):
       ax_label.axhline(line - 0.5, color='black', linewidth=0.4)
       ax_label.axvline(line - 0.5, color='black', linewidth=0.4)
-    ax_label.set_title(f'hard patches {hard_patch_fraction(label):.0%}',
-                       fontsize=9)
+    ax_label.set_title(
+        f'hard patches {hard_patch_fraction(label, grid):.0%}', fontsize=9)
   handles = [mpatches.Patch(facecolor=PALETTE[c] / 255, edgecolor='black',
                             label=f'{c} {name}')
              for c, name in enumerate(CLASS_NAMES)]
@@ -296,13 +309,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--difficulty', type=float,
                       default=scene_generator.DEFAULT_DIFFICULTY,
                       help='difficulty for --preview and --stats')
+  parser.add_argument('--config', default=None,
+                      help="--preview: a config's scenes instead of "
+                      "--difficulty ('hard', 'shapes', 'snakes', 'paths')")
   args = parser.parse_args(argv)
   if not (args.preview or args.stats or args.edge_stats):
     parser.error('nothing to do: give --preview, --stats or --edge-stats '
                  '(prepare with python -m lvtp_jax.data.prepare '
                  'synthetic_scenes).')
   if args.preview:
-    save_preview(args.preview, difficulty=args.difficulty)
+    save_preview(args.preview, difficulty=args.difficulty,
+                 config=args.config)
     print(f'wrote {args.preview}')
   if args.stats:
     fraction = mean_hard_patch_fraction(args.stats,
