@@ -86,8 +86,8 @@ def collect(config, model, params, prep, split: str, num: int,
             ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
   """Per-patch features and labels of the first `num` images of `split`,
   flattened over images: ({name: [P, ...]}, labels [P]), labelled patches
-  only. With `patch_steps` (example index -> [N] ints), the features also
-  hold 'steps' [P]."""
+  only. With `patch_steps` (position in the split -> [N] ints), the
+  features also hold 'steps' [P]."""
   dataset = segmentation_datasets.get_dataset(config.data.name)
   source = segmentation_datasets.open_segmentation_source(
       config.data.name, split, config.data.data_dir or None)
@@ -109,7 +109,7 @@ def collect(config, model, params, prep, split: str, num: int,
     if patch_steps is not None:   # batches follow the source's order
       steps = np.zeros(out['final'].shape[:2], np.int32)
       for row in range(int(rows.sum())):
-        steps[row] = patch_steps(int(source[seen + row]['index']))
+        steps[row] = patch_steps(seen + row)
       seen += int(rows.sum())
       out['steps'] = steps
     lab = patch_labels(np.asarray(batch['segmentation']), model.patch_size,
@@ -173,7 +173,10 @@ def accuracy_by_steps(preds: Dict[str, np.ndarray], labels: np.ndarray,
 
 
 def _paths_steps(config, model):
-  """example index -> [N] chain steps of its patches ('paths' scenes)."""
+  """position k in config.data.split -> [N] chain steps of the patches of
+  its k-th example ('paths' scenes; the generator's own record of the
+  example whose index the prepared split stores at k)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from lvtp_jax.data import scene_generator   # pylint: disable=g-import-not-at-top
   from lvtp_jax.data import synthetic_scenes  # pylint: disable=g-import-not-at-top
   name = config.data.name
@@ -191,8 +194,11 @@ def _paths_steps(config, model):
     raise ValueError('--by_steps needs the images at their own size '
                      f'(config.eval.size={cfg.image_size}, short_size=0).')
   split = config.data.split
-  return lambda index: scene_generator.path_steps(
-      split, index, size=cfg.image_size, difficulty=cfg.difficulty).ravel()
+  raw = tfds.data_source(name, split=split,
+                         data_dir=config.data.data_dir or None)
+  return lambda k: scene_generator.path_steps(
+      split, int(raw[k]['index']), size=cfg.image_size,
+      difficulty=cfg.difficulty).ravel()
 
 
 def run(config, workdir: str, train_images: int, eval_images: int,
