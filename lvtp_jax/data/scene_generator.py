@@ -445,9 +445,7 @@ def _paint_snakes(c: _Canvas):
   token needs is far away and reached only through other tokens of the
   tube, which is what deeper blocks add.
   """
-  grey = _hsv(c.rng.random(), c.rng.uniform(0.0, 0.08),
-              c.rng.uniform(0.35, 0.75))
-  texture = grey * (1 + 0.04 * _grain(c, (1.0, 1.0)))[..., None]
+  texture = _tube_texture(c, (0.35, 0.75))
   taken = np.zeros((c.size, c.size), bool)
   for _ in range(c.rng.integers(3, 6)):
     for _ in range(20):  # Tries to place a tube clear of the others.
@@ -465,12 +463,27 @@ def _paint_snakes(c: _Canvas):
     else:
       continue
     taken |= tube
-    class_id = THING_CLASSES[c.rng.integers(len(THING_CLASSES))]
-    c.paint(tube, texture, class_id)
-    colour = _hsv(SNAKE_HUES[class_id] + c.rng.uniform(-0.03, 0.03),
-                  c.rng.uniform(0.75, 1.0), c.rng.uniform(0.8, 1.0))
-    np.copyto(c.image, np.broadcast_to(colour, c.image.shape),
-              where=head[..., None])
+    _paint_tube(c, tube, head, texture)
+
+
+def _tube_texture(c: _Canvas, value: Tuple[float, float]) -> np.ndarray:
+  """The one grey [S, S, 3] all tubes of a scene share (brightness drawn
+  from `value`), with a faint grain."""
+  grey = _hsv(c.rng.random(), c.rng.uniform(0.0, 0.08),
+              c.rng.uniform(*value))
+  return grey * (1 + 0.04 * _grain(c, (1.0, 1.0)))[..., None]
+
+
+def _paint_tube(c: _Canvas, tube: np.ndarray, head: np.ndarray,
+                texture: np.ndarray):
+  """Paints a tube (its head included) in `texture` with a random thing
+  class, then its head in that class's saturated marker hue."""
+  class_id = THING_CLASSES[c.rng.integers(len(THING_CLASSES))]
+  c.paint(tube, texture, class_id)
+  colour = _hsv(SNAKE_HUES[class_id] + c.rng.uniform(-0.03, 0.03),
+                c.rng.uniform(0.75, 1.0), c.rng.uniform(0.8, 1.0))
+  np.copyto(c.image, np.broadcast_to(colour, c.image.shape),
+            where=head[..., None])
 
 
 # Paths: tubes that run along the patch grid, so that a tube token's only
@@ -535,9 +548,7 @@ def _paint_paths(c: _Canvas):
   n = c.size // PATH_CELL
   blocked = np.zeros((n, n), bool)
   c.path_steps = np.full((n, n), -1, np.int32)
-  grey = _hsv(c.rng.random(), c.rng.uniform(0.0, 0.08),
-              c.rng.uniform(0.6, 0.85))
-  texture = grey * (1 + 0.04 * _grain(c, (1.0, 1.0)))[..., None]
+  texture = _tube_texture(c, (0.6, 0.85))
   for _ in range(c.rng.integers(3, 7)):
     cells = []
     for _ in range(10):   # Tries to fit a path of at least 5 cells.
@@ -557,12 +568,7 @@ def _paint_paths(c: _Canvas):
     for k, (y, x) in enumerate(cells):
       blocked[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = True
       c.path_steps[y, x] = k
-    class_id = THING_CLASSES[c.rng.integers(len(THING_CLASSES))]
-    c.paint(tube | head, texture, class_id)
-    colour = _hsv(SNAKE_HUES[class_id] + c.rng.uniform(-0.03, 0.03),
-                  c.rng.uniform(0.75, 1.0), c.rng.uniform(0.8, 1.0))
-    np.copyto(c.image, np.broadcast_to(colour, c.image.shape),
-              where=head[..., None])
+    _paint_tube(c, tube | head, head, texture)
 
 
 # ----------------------------------------------------------------------------
@@ -654,7 +660,8 @@ def path_steps(split: str, index: int, *, size: int = DEFAULT_SIZE,
   if split not in SPLIT_IDS:
     raise ValueError(f'unknown split {split!r}; expected one of '
                      f'{sorted(SPLIT_IDS)}.')
-  return _scene(split, index, size, difficulty, False, False, True).path_steps
+  return _scene(split, index, size, difficulty, plain_shapes=False,
+                snakes=False, paths=True).path_steps
 
 
 def hard_patches(label: np.ndarray, patch: int = 16) -> np.ndarray:

@@ -184,6 +184,15 @@ def prepare(data_dir: Optional[str], config: str = 'default') -> None:
       compute_stats=tfds.download.ComputeStatsMode.SKIP))
 
 
+def builder_config(name: str) -> SyntheticScenesConfig:
+  """The builder config called `name` ('default', 'hard', 'paths', ...)."""
+  named = {c.name: c for c in SyntheticScenes.BUILDER_CONFIGS}
+  if name not in named:
+    raise ValueError(f'unknown synthetic_scenes config {name!r}; '
+                     f'expected one of {sorted(named)}.')
+  return named[name]
+
+
 # ----------------------------------------------------------------------------
 # Preview picture and statistics.
 # ----------------------------------------------------------------------------
@@ -206,11 +215,7 @@ def save_preview(path: str, indices: Sequence[int] = tuple(range(8)),
   """
   kwargs, grid = dict(difficulty=difficulty), 16
   if config is not None:
-    named = {c.name: c for c in SyntheticScenes.BUILDER_CONFIGS}
-    if config not in named:
-      raise ValueError(f'unknown synthetic_scenes config {config!r}; '
-                       f'expected one of {sorted(named)}.')
-    cfg = named[config]
+    cfg = builder_config(config)
     kwargs = dict(difficulty=cfg.difficulty, plain_shapes=cfg.plain_shapes,
                   snakes=cfg.snakes, paths=cfg.paths)
     grid = scene_generator.PATH_CELL if cfg.paths else 16

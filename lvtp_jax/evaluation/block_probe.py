@@ -188,8 +188,7 @@ def _paths_steps(config, model):
     raise ValueError(f'--by_steps: the model\'s patch size '
                      f'{model.patch_size} is not the paths\' cell '
                      f'{scene_generator.PATH_CELL} px.')
-  cfg = next(c for c in synthetic_scenes.SyntheticScenes.BUILDER_CONFIGS
-             if c.name == 'paths')
+  cfg = synthetic_scenes.builder_config('paths')
   if config.eval.size != cfg.image_size or config.eval.short_size:
     raise ValueError('--by_steps needs the images at their own size '
                      f'(config.eval.size={cfg.image_size}, short_size=0).')
