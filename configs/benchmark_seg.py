@@ -34,7 +34,15 @@ arg (comma-separated):
             colour of a marker at one end, often many patches away |
             paths: synthetic_scenes/paths, the same with the tubes along
             the patch grid (a tube patch reaches its marker only through
-            a chain of tube patches, up to 17 steps)
+            a chain of tube patches, up to 17 steps) | paths_short:
+            8-14 tubes of 2-5 cells, the first stage of a curriculum
+            (1000 steps; the second is scenes=paths with
+            --config.model.init_from=<its workdir>)
+  posemb    learn (default: a learnt position embedding, as timm and
+            Segmenter) | sincos2d: fixed 2-D sine-cosines, whose dot
+            products depend only on the offset between two patches
+            (lvtp_jax/models/posemb.py; docs/benchmark_seg.md, 'paths'
+            with sincos2d)
 """
 
 import importlib.util
@@ -44,7 +52,7 @@ from lvtp_jax import config_args
 from lvtp_jax.evaluation import sweeps
 
 
-SCENES = ('hard', 'shapes', 'snakes', 'paths')
+SCENES = ('hard', 'shapes', 'snakes', 'paths', 'paths_short')
 
 
 def _quickstart():
@@ -58,10 +66,13 @@ def _quickstart():
 
 def get_config(arg=None):
   arg = config_args.parse_arg(arg, runlocal=False, sweep='none',
-                              scenes='hard')
+                              scenes='hard', posemb='learn')
   if arg.scenes not in SCENES:
     raise ValueError(f'configs/benchmark_seg.py: scenes={arg.scenes!r}; '
                      f'expected one of {SCENES}.')
+  if arg.posemb not in ('learn', 'sincos2d'):
+    raise ValueError(f'configs/benchmark_seg.py: posemb={arg.posemb!r}; '
+                     "expected 'learn' or 'sincos2d'.")
   base = _quickstart()
   testbed = arg.sweep in ('testbed', 'exits')
   config = base.get_config(f'sweep={"none" if testbed else arg.sweep}' +
@@ -71,6 +82,7 @@ def get_config(arg=None):
     config.sweep = tuple(
         s for s in sweeps.testbed_grid() if arg.sweep == 'testbed'
         or s.get('pruning.name', 'none') in exits)
+  config.model.posemb = arg.posemb
   if arg.runlocal:
     config.model.patch_size = 8
     if testbed:   # one of each policy
@@ -82,7 +94,7 @@ def get_config(arg=None):
   config.data.name = f'synthetic_scenes/{arg.scenes}'
   # 'paths' trains 3000 steps: its chains take longer to learn (about
   # 50 min on 2 CPU cores); the others keep their documented 2500.
-  steps = 3000 if arg.scenes == 'paths' else 2500
+  steps = {'paths': 3000, 'paths_short': 1000}.get(arg.scenes, 2500)
   config.train.update(dict(num_steps=steps, warmup_steps=100, batch_size=16,
                            checkpoint_every=250, eval_every=500,
                            eval_examples=100))

@@ -66,6 +66,7 @@ def get_config(arg=None):
   config.model.decoder_depth = 2
   config.model.aux_layers = (2, 4)     # auxiliary heads after these blocks
   config.model.aux_head = 'linear'
+  config.model.posemb = 'learn'        # or 'sincos2d' (fixed; models/posemb.py)
   config.model.normalization = 'vit'
   config.model.drop_path_rate = 0.0
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16'

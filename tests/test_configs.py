@@ -190,3 +190,18 @@ def test_segmenter_train_recipes():
       'aux=dtop,sweep=policies').sweep]
   assert names[0] == 'unpruned' and 'lvtp/buffer' in names
   assert len(set(names)) == len(names)
+
+
+def test_benchmark_seg_scenes_and_posemb_args():
+  mod = _load(os.path.join(REPO, 'configs', 'benchmark_seg.py'))
+  config = mod.get_config('scenes=paths,posemb=sincos2d')
+  assert config.data.name == 'synthetic_scenes/paths'
+  assert config.train.num_steps == 3000
+  model = seg_lib.Segmenter(**model_init._random_init_kwargs(  # pylint: disable=protected-access
+      config.model), aux_layers=tuple(config.model.aux_layers))
+  assert model.posemb == 'sincos2d'
+  assert mod.get_config().model.posemb == 'learn'   # the default
+  with pytest.raises(ValueError, match="posemb='rope'"):
+    mod.get_config('posemb=rope')
+  with pytest.raises(ValueError, match="scenes='lines'"):
+    mod.get_config('scenes=lines')

@@ -102,19 +102,23 @@ def test_snakes_take_the_class_of_their_marker_far_away():
   assert np.mean(far) > 0.3, np.mean(far)      # 4+ patches of 8 px away
 
 
-def test_paths_are_chains_of_patches_led_by_their_marker():
-  """The 'paths' config: every tube covers a simple chain of 8 x 8 cells
-  (each cell has at most two tube neighbours, no other tube within one
-  cell, diagonals included), takes one thing class, and has its marker in
-  an end cell with the class's hue; many tube cells are far from the
-  marker along the chain."""
+@pytest.mark.parametrize('layout, tubes, length', [
+    ('long', (3, 6), (5, 18)), ('short', (5, 14), (2, 5))])
+def test_paths_are_chains_of_patches_led_by_their_marker(layout, tubes,
+                                                         length):
+  """The 'paths' config ('long' layout) and 'paths_short' ('short'): every
+  tube covers a simple chain of 8 x 8 cells (each cell has at most two tube
+  neighbours, no other tube within one cell, diagonals included), takes
+  one thing class, and has its marker in an end cell with the class's hue;
+  with 'long', many tube cells are far from the marker along the chain,
+  with 'short' none is more than 4 steps away."""
   import colorsys  # pylint: disable=g-import-not-at-top
   cell, steps = gen.PATH_CELL, []
   for i in range(12):
     img, lab = gen.generate_example('validation', i, difficulty=0.0,
-                                    paths=True)
+                                    paths=True, path_layout=layout)
     regions, count = ndimage.label(np.isin(lab, gen.THING_CLASSES))
-    assert 3 <= count <= 6, (i, count)
+    assert tubes[0] <= count <= tubes[1], (i, count)
     n = lab.shape[0] // cell
     owner = np.zeros((n, n), int)
     hsv = np.array([colorsys.rgb_to_hsv(*p) for p in
@@ -132,7 +136,8 @@ def test_paths_are_chains_of_patches_led_by_their_marker():
                             ((0, 1), (1, 0), (0, -1), (-1, 0))
                             if 0 <= y + a < n and 0 <= x + b < n)
                 for y, x in zip(ys, xs)}
-      assert len(degree) >= 5 and max(degree.values()) <= 2, (i, r)
+      assert length[0] <= len(degree) <= length[1], (i, r, len(degree))
+      assert max(degree.values()) <= 2, (i, r)
       ends = [k for k, d in degree.items() if d == 1]
       assert len(ends) == 2, (i, r, ends)              # a simple chain
       marker = region & (hsv[..., 1] > 0.6)
@@ -154,10 +159,14 @@ def test_paths_are_chains_of_patches_led_by_their_marker():
       assert len(dist) == len(degree)                  # connected
       steps.extend(dist.values())
       # path_steps, the generator's own record, agrees with the chain.
-      recorded = gen.path_steps('validation', i, difficulty=0.0)
+      recorded = gen.path_steps('validation', i, difficulty=0.0,
+                                path_layout=layout)
       assert {k: int(recorded[k]) for k in dist} == dist, (i, r)
     assert ((recorded >= 0) == (owner > 0)).all(), i
-  assert np.mean(np.array(steps) >= 6) > 0.2, np.mean(np.array(steps) >= 6)
+  far = np.mean(np.array(steps) >= 6)
+  assert far > 0.2 if layout == 'long' else max(steps) <= 4, far
+  with pytest.raises(ValueError, match="path layout 'curly'"):
+    gen.generate_example('validation', 0, paths=True, path_layout='curly')
 
 
 def test_one_scene_set_at_a_time():

@@ -340,6 +340,11 @@ def test_init_from_a_training_workdir(quickstart_run, data_dir):
   jax.tree.map(np.testing.assert_array_equal, params, trained)
   # A source of another shape is refused rather than silently replacing
   # the config's (config.json would describe another model).
+  config.model.posemb = 'sincos2d'
+  with pytest.raises(ValueError, match="model.posemb: 'sincos2d' in the "
+                     "config, 'learn' in"):
+    model_init.build(config.model, seed=7)
+  config.model.posemb = 'learn'
   config.model.width, config.model.depth = 48, 3
   with pytest.raises(ValueError, match=r'(?s)model.depth: 3 in the config, '
                      r'2 in .*model.width: 48 in the config, 32 in'):
@@ -597,6 +602,10 @@ def test_block_probe_on_the_trained_quickstart(quickstart_run, data_dir):
         total += 1
   assert out['eval_patches'] == total
   assert out['rows'][-1]['token_accuracy'] == pytest.approx(hits / total)
+  # Heads only: the same heads' scores, no probes, no training images.
+  heads = block_probe.run(config, workdir, train_images=8, eval_images=8,
+                          steps=20, probes=False)
+  assert heads['rows'] == out['rows'][2:] and heads['train_patches'] == 0
 
 
 def test_block_probe_scores_per_distance_along_the_paths():
@@ -624,6 +633,16 @@ def test_block_probe_scores_per_distance_along_the_paths():
   # An empty group has no accuracy rather than a division by zero.
   none = block_probe.accuracy_by_steps(preds, labels, np.full(500, -1))
   assert none[0]['token_accuracy']['steps 12+'] is None
+  # Other groups, one step at a time where asked.
+  buckets = block_probe.parse_buckets('0,1,2-4,5+')
+  assert buckets == ((0, 0), (1, 1), (2, 4), (5, None))
+  rows = block_probe.accuracy_by_steps(preds, labels, steps, buckets)
+  assert list(rows[0]['patches']) == ['off tubes', 'steps 0', 'steps 1',
+                                      'steps 2-4', 'steps 5+']
+  assert rows[0]['patches']['steps 1'] == int((steps == 1).sum())
+  for bad in ('1-x', '3-1', '-2'):
+    with pytest.raises(ValueError, match='--step_buckets'):
+      block_probe.parse_buckets(bad)
 
 
 def test_block_probe_by_steps_needs_the_paths_scenes(quickstart_run, data_dir):

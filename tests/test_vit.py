@@ -1,10 +1,13 @@
 """ViT on a TokenState: masking, proportional attention, signals, bad input."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lvtp_jax.models import posemb as posemb_lib
 from lvtp_jax.models import vit as vit_lib
 from lvtp_jax.tokens import state as ts
 
@@ -126,6 +129,58 @@ def test_other_input_size_resamples_pos_embed_in_forward():
   logits, aux = model.apply({'params': params}, x, return_aux=True)
   assert logits.shape == (1, 5) and aux['tokens'].shape[1] == 1 + 64
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def _sincos_by_definition(h, w, d, temperature=10000.0):
+  """posemb.sincos2d's docstring formula, one value at a time."""
+  q = d // 4
+  out = np.zeros((h * w, d))
+  for r in range(h):
+    for c in range(w):
+      for k in range(q):
+        f = temperature ** (-k / q)
+        out[r * w + c, [k, q + k, 2 * q + k, 3 * q + k]] = (
+            math.sin(r * f), math.cos(r * f), math.sin(c * f),
+            math.cos(c * f))
+  return out
+
+
+def test_sincos2d_table_and_its_offset_property():
+  table = posemb_lib.sincos2d((3, 5), 16)
+  assert table.shape == (1, 15, 16) and table.dtype == np.float32
+  np.testing.assert_allclose(table[0], _sincos_by_definition(3, 5, 16),
+                             atol=1e-6)
+  # Two patches' dot product depends on their offset only.
+  grid = posemb_lib.sincos2d((6, 6), 32)[0].reshape(6, 6, 32).astype(
+      np.float64)
+  dot = lambda a, b: float(grid[a] @ grid[b])
+  assert dot((0, 0), (1, 2)) == pytest.approx(dot((3, 2), (4, 4)), abs=1e-5)
+  assert dot((2, 2), (2, 2)) > dot((2, 2), (2, 3)) > dot((2, 2), (5, 5))
+  with pytest.raises(ValueError, match='divisible by 4'):
+    posemb_lib.sincos2d((2, 2), 30)
+
+
+def test_sincos2d_vit_has_no_pos_embed_and_follows_the_grid():
+  model, params = _model_and_params(posemb='sincos2d')
+  assert 'pos_embed' not in params and 'cls_token' in params
+  for side in (32, 64):   # 64 px: a 8 x 8 grid, computed, not resampled
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, side, side, 3))
+    state, grid = model.apply({'params': params}, x,
+                              method=lambda m, x: m.embed(x))
+    patches = model.apply({'params': params}, x,
+                          method=lambda m, x: m.patch_embed(x))
+    n = (side // 8) ** 2
+    want = np.asarray(patches).reshape(2, n, 32) + _sincos_by_definition(
+        side // 8, side // 8, 32)
+    np.testing.assert_allclose(np.asarray(state.x[:, 1:]), want, atol=1e-5)
+    np.testing.assert_array_equal(   # the CLS token gets no embedding
+        np.asarray(state.x[:, 0]),
+        np.broadcast_to(np.asarray(params['cls_token'])[0], (2, 32)))
+    assert grid == (side // 8, side // 8)
+  with pytest.raises(ValueError, match="posemb='nope'"):
+    _model_and_params(posemb='nope')
+  with pytest.raises(ValueError, match='divisible by 4'):
+    _model_and_params(posemb='sincos2d', width=30, num_heads=3)
 
 
 def test_drop_path_is_active_only_in_training():

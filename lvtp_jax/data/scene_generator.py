@@ -491,6 +491,15 @@ def _paint_tube(c: _Canvas, tube: np.ndarray, head: np.ndarray,
 
 PATH_CELL = 8   # Grid step of the paths in pixels (the test bed's patch size).
 
+# How many tubes a 'paths' scene tries to place, and how many cells each
+# has (inclusive ranges). 'long' is the 'paths' config; 'short' is
+# 'paths_short', the first stage of a curriculum: many short tubes, so
+# that almost every tube patch is 1-4 steps from its marker and, with
+# every class's marker in most images, guessing among the markers present
+# no longer pays.
+PATH_LAYOUTS = {'long': dict(count=(3, 6), cells=(5, 18)),
+                'short': dict(count=(8, 14), cells=(2, 5))}
+
 
 def _grid_path(c: _Canvas, blocked: np.ndarray, length: int) -> list:
   """A self-avoiding walk of up to `length` cells on the cell grid.
@@ -531,10 +540,11 @@ def _grid_path(c: _Canvas, blocked: np.ndarray, length: int) -> list:
   return cells
 
 
-def _paint_paths(c: _Canvas):
-  """3-6 grey tubes along the patch grid, each with a marker at its head.
+def _paint_paths(c: _Canvas, layout: str = 'long'):
+  """Grey tubes along the patch grid, each with a marker at its head.
 
-  Every tube is a self-avoiding walk of 5-18 cells of PATH_CELL px
+  With the 'long' layout (PATH_LAYOUTS), 3-6 tubes, each a self-avoiding
+  walk of 5-18 cells of PATH_CELL px
   (`_grid_path`), drawn as a stroke 5-7 px wide through the cell centres;
   tubes keep at least one free cell (diagonals included) between each
   other. The head cell holds a saturated marker (a disk of radius 3.5 px)
@@ -545,17 +555,23 @@ def _paint_paths(c: _Canvas):
   unambiguous at the patch level (each tube token's tube neighbours are
   exactly its two path neighbours).
   """
+  if layout not in PATH_LAYOUTS:
+    raise ValueError(f'path layout {layout!r}; expected one of '
+                     f'{sorted(PATH_LAYOUTS)}.')
+  count, (shortest, longest) = (PATH_LAYOUTS[layout]['count'],
+                                PATH_LAYOUTS[layout]['cells'])
   n = c.size // PATH_CELL
   blocked = np.zeros((n, n), bool)
   c.path_steps = np.full((n, n), -1, np.int32)
   texture = _tube_texture(c, (0.6, 0.85))
-  for _ in range(c.rng.integers(3, 7)):
+  for _ in range(c.rng.integers(count[0], count[1] + 1)):
     cells = []
-    for _ in range(10):   # Tries to fit a path of at least 5 cells.
-      cells = _grid_path(c, blocked, int(c.rng.integers(5, 19)))
-      if len(cells) >= 5:
+    for _ in range(10):   # Tries to fit a path of at least `shortest` cells.
+      cells = _grid_path(c, blocked,
+                         int(c.rng.integers(shortest, longest + 1)))
+      if len(cells) >= shortest:
         break
-    if len(cells) < 5:
+    if len(cells) < shortest:
       continue
     half = c.rng.uniform(2.5, 3.5)
     centres = (np.array(cells, np.float64) + 0.5) * PATH_CELL
@@ -598,7 +614,8 @@ def generate_example(
     difficulty: float = DEFAULT_DIFFICULTY,
     plain_shapes: bool = False,
     snakes: bool = False,
-    paths: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    paths: bool = False,
+    path_layout: str = 'long') -> Tuple[np.ndarray, np.ndarray]:
   """Generates example `index` of `split` (deterministic, independent).
 
   Args:
@@ -615,6 +632,8 @@ def generate_example(
     paths: instead of the things, 3-6 grey tubes along the 8-px grid whose
       class is the colour of a marker at one end (`_paint_paths`; the
       'paths' config). At most one of snakes and paths.
+    path_layout: with paths, a key of PATH_LAYOUTS: 'long' (the 'paths'
+      config) or 'short' (8-14 tubes of 2-5 cells; 'paths_short').
 
   Returns:
     image: uint8 [S, S, 3] RGB.
@@ -629,12 +648,14 @@ def generate_example(
   if snakes and paths:
     raise ValueError('generate_example: snakes and paths are two scene '
                      'sets; ask for one of them.')
-  canvas = _scene(split, index, size, difficulty, plain_shapes, snakes, paths)
+  canvas = _scene(split, index, size, difficulty, plain_shapes, snakes, paths,
+                  path_layout)
   return _photometric(canvas), canvas.label
 
 
 def _scene(split: str, index: int, size: int, difficulty: float,
-           plain_shapes: bool, snakes: bool, paths: bool) -> _Canvas:
+           plain_shapes: bool, snakes: bool, paths: bool,
+           path_layout: str = 'long') -> _Canvas:
   """The painted canvas of an example, before the photometric effects."""
   rng = np.random.default_rng([SPLIT_IDS[split], index])
   canvas = _Canvas(rng, size, float(difficulty), plain_shapes)
@@ -642,14 +663,15 @@ def _scene(split: str, index: int, size: int, difficulty: float,
   if snakes:
     _paint_snakes(canvas)
   elif paths:
-    _paint_paths(canvas)
+    _paint_paths(canvas, path_layout)
   else:
     _paint_things(canvas)
   return canvas
 
 
 def path_steps(split: str, index: int, *, size: int = DEFAULT_SIZE,
-               difficulty: float = DEFAULT_DIFFICULTY) -> np.ndarray:
+               difficulty: float = DEFAULT_DIFFICULTY,
+               path_layout: str = 'long') -> np.ndarray:
   """Chain steps of a 'paths' example (`generate_example(..., paths=True)`).
 
   Returns int32 [S / PATH_CELL, S / PATH_CELL]: for every cell of a tube,
@@ -661,7 +683,8 @@ def path_steps(split: str, index: int, *, size: int = DEFAULT_SIZE,
     raise ValueError(f'unknown split {split!r}; expected one of '
                      f'{sorted(SPLIT_IDS)}.')
   return _scene(split, index, size, difficulty, plain_shapes=False,
-                snakes=False, paths=True).path_steps
+                snakes=False, paths=True,
+                path_layout=path_layout).path_steps
 
 
 def hard_patches(label: np.ndarray, patch: int = 16) -> np.ndarray:

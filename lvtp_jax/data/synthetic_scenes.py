@@ -18,6 +18,8 @@ Configs (image size 128, i.e. an 8x8 token grid with 16x16 patches):
 * 'paths': as 'snakes', with the tubes drawn along the 8-px patch grid, so
   that a tube patch reaches its marker only through a chain of tube
   patches.
+* 'paths_short': 'paths' with 8-14 tubes of 2-5 cells, the first stage
+  of a curriculum (docs/benchmark_seg.md).
 * 'tiny': 32 train / 16 validation / 8 selection images, for tests.
 
 The 'selection' split is held out from training and from the reported
@@ -72,6 +74,7 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
   plain_shapes: bool = False
   snakes: bool = False
   paths: bool = False
+  path_layout: str = 'long'   # scene_generator.PATH_LAYOUTS (with paths)
 
 
 def _testbed_config(name: str, description: str,
@@ -122,6 +125,11 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
                        '3-6 grey tubes along the 8-px patch grid instead of '
                        'things; a tube\'s class is the colour of the marker '
                        'at its head, up to 17 patches away along the tube.')),
+      _testbed_config(
+          'paths_short', difficulty=1.5, paths=True, path_layout='short',
+          description=("'paths' with 8-14 tubes of 2-5 cells: the first "
+                       'stage of a curriculum (every tube patch 1-4 steps '
+                       'from its marker; most images show every class).')),
       SyntheticScenesConfig(
           name='tiny', num_train=32, num_validation=16, num_selection=8,
           description=('32 train / 16 validation / 8 selection, 128x128, '
@@ -163,7 +171,7 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
       image, label = generate_example(
           split, index, size=config.image_size, difficulty=config.difficulty,
           plain_shapes=config.plain_shapes, snakes=config.snakes,
-          paths=config.paths)
+          paths=config.paths, path_layout=config.path_layout)
       yield index, {'image': image, 'segmentation': label[..., None],
                     'index': index}
 
@@ -217,7 +225,8 @@ def save_preview(path: str, indices: Sequence[int] = tuple(range(8)),
   if config is not None:
     cfg = builder_config(config)
     kwargs = dict(difficulty=cfg.difficulty, plain_shapes=cfg.plain_shapes,
-                  snakes=cfg.snakes, paths=cfg.paths)
+                  snakes=cfg.snakes, paths=cfg.paths,
+                  path_layout=cfg.path_layout)
     grid = scene_generator.PATH_CELL if cfg.paths else 16
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')  # No display: only files are written.

@@ -16,13 +16,18 @@ scored on the same patches. If a probe after block 2 already matches the
 final decoder, the task is solved there and no placement of exits can
 rank policies (docs/benchmark_seg.md).
 
-On synthetic_scenes/paths, `--by_steps` also scores every read-out per
-distance along the tubes: off-tube patches, and tube patches 0-2, 3-5,
-6-8, 9-11 and 12+ cells from their marker (scene_generator.path_steps).
-Where the late blocks carry a tube's class further from its marker, the
-heads after blocks 6 and 8 fall behind the decoder on the far cells.
+On synthetic_scenes/paths (and paths_short), `--by_steps` also scores
+every read-out per distance along the tubes: off-tube patches, and tube
+patches 0-2, 3-5, 6-8, 9-11 and 12+ cells from their marker
+(scene_generator.path_steps; other groups with `--step_buckets`, e.g.
+0,1,2,3-5,6-8,9-11,12+). Where the late blocks carry a tube's class
+further from its marker, the heads after blocks 6 and 8 fall behind the
+decoder on the far cells. `--heads_only` skips the probes (seconds instead
+of minutes: the model's own heads only, e.g. to follow a run's
+checkpoints).
 
-Writes WORKDIR/block_probe.json and prints a table. The probes are fitted
+Writes WORKDIR/block_probe.json (block_probe_heads.json with --heads_only)
+and prints a table. The probes are fitted
 full-batch with Adam (`--steps`, learning rate 1e-2, from zero weights);
 they are a lower bound on what block k holds (a linear read-out, briefly
 fitted), the heads are what the model learned.
@@ -79,6 +84,29 @@ def block_tokens_fn(model, blocks: Tuple[int, ...]):
 
 
 STEP_BUCKETS = ((0, 2), (3, 5), (6, 8), (9, 11), (12, None))
+
+
+def parse_buckets(text: str) -> Tuple[Tuple[int, Any], ...]:
+  """'0,1,2,3-5,12+' -> ((0, 0), (1, 1), (2, 2), (3, 5), (12, None))."""
+  buckets = []
+  for part in (p.strip() for p in text.split(',')):
+    try:
+      if part.endswith('+'):
+        buckets.append((int(part[:-1]), None))
+      elif '-' in part:
+        lo, hi = part.split('-')
+        buckets.append((int(lo), int(hi)))
+      else:
+        buckets.append((int(part), int(part)))
+    except ValueError:
+      raise ValueError(f'--step_buckets: cannot read {part!r} in {text!r}; '
+                       "write groups as 'a', 'a-b' or 'a+', comma-separated "
+                       "(e.g. '0,1,2,3-5,12+').") from None
+    lo, hi = buckets[-1]
+    if lo < 0 or (hi is not None and hi < lo):
+      raise ValueError(f'--step_buckets: {part!r} is not a range of steps '
+                       '>= 0.')
+  return tuple(buckets)
 
 
 def collect(config, model, params, prep, split: str, num: int,
@@ -160,7 +188,8 @@ def accuracy_by_steps(preds: Dict[str, np.ndarray], labels: np.ndarray,
   """
   groups = {'off tubes': steps < 0}
   for lo, hi in buckets:
-    name = f'steps {lo}+' if hi is None else f'steps {lo}-{hi}'
+    name = (f'steps {lo}+' if hi is None else f'steps {lo}' if hi == lo
+            else f'steps {lo}-{hi}')
     groups[name] = (steps >= lo) & (True if hi is None else steps <= hi)
   rows = []
   for name, pred in preds.items():
@@ -180,15 +209,18 @@ def _paths_steps(config, model):
   from lvtp_jax.data import scene_generator   # pylint: disable=g-import-not-at-top
   from lvtp_jax.data import synthetic_scenes  # pylint: disable=g-import-not-at-top
   name = config.data.name
-  if name != 'synthetic_scenes/paths':
+  family, _, variant = name.partition('/')
+  cfg = (synthetic_scenes.builder_config(variant)
+         if family == 'synthetic_scenes' and variant else None)
+  if cfg is None or not cfg.paths:
     raise ValueError(f'--by_steps needs config.data.name='
-                     f"'synthetic_scenes/paths' (got {name!r}): only those "
-                     'scenes have chains to count steps along.')
+                     f"'synthetic_scenes/paths' or 'synthetic_scenes/"
+                     f"paths_short' (got {name!r}): only those scenes have "
+                     'chains to count steps along.')
   if model.patch_size != scene_generator.PATH_CELL:
     raise ValueError(f'--by_steps: the model\'s patch size '
                      f'{model.patch_size} is not the paths\' cell '
                      f'{scene_generator.PATH_CELL} px.')
-  cfg = synthetic_scenes.builder_config('paths')
   if config.eval.size != cfg.image_size or config.eval.short_size:
     raise ValueError('--by_steps needs the images at their own size '
                      f'(config.eval.size={cfg.image_size}, short_size=0).')
@@ -197,13 +229,15 @@ def _paths_steps(config, model):
                          data_dir=config.data.data_dir or None)
   return lambda k: scene_generator.path_steps(
       split, int(raw[k]['index']), size=cfg.image_size,
-      difficulty=cfg.difficulty).ravel()
+      difficulty=cfg.difficulty, path_layout=cfg.path_layout).ravel()
 
 
 def run(config, workdir: str, train_images: int, eval_images: int,
         steps: int, blocks: Tuple[int, ...] = (),
-        by_steps: bool = False) -> Dict[str, Any]:
-  """The probes and heads of the model of (config, workdir)."""
+        by_steps: bool = False, buckets=STEP_BUCKETS,
+        probes: bool = True) -> Dict[str, Any]:
+  """The probes and heads of the model of (config, workdir); with
+  probes=False the heads only (no training images are read)."""
   if config.eval.mode != 'whole':
     raise ValueError("block_probe needs config.eval.mode='whole' (one token "
                      'grid per image).')
@@ -214,8 +248,11 @@ def run(config, workdir: str, train_images: int, eval_images: int,
   if bad:
     raise ValueError(f'--blocks {bad} out of range 1..{model.depth}.')
   train_split = config.data.get('train_split', 'train')
-  tr, ytr = collect(config, model, params, prep, train_split, train_images,
-                    blocks)
+  if probes:
+    tr, ytr = collect(config, model, params, prep, train_split, train_images,
+                      blocks)
+  else:
+    blocks, ytr, train_images = (), np.zeros(0), 0
   ev, yev = collect(config, model, params, prep, config.data.split,
                     eval_images, blocks, patch_steps)
   rows, preds = [], {}
@@ -238,7 +275,7 @@ def run(config, workdir: str, train_images: int, eval_images: int,
              eval_split=config.data.split, eval_images=eval_images,
              eval_patches=int(len(yev)), steps=steps, rows=rows)
   if by_steps:
-    out['by_steps'] = accuracy_by_steps(preds, yev, ev['steps'])
+    out['by_steps'] = accuracy_by_steps(preds, yev, ev['steps'], buckets)
   return out
 
 
@@ -263,9 +300,11 @@ def main(argv):
   del argv
   f = flags.FLAGS
   out = run(f.config, f.workdir, f.train_images, f.eval_images, f.steps,
-            tuple(int(b) for b in f.blocks), f.by_steps)
+            tuple(int(b) for b in f.blocks), f.by_steps,
+            parse_buckets(f.step_buckets), probes=not f.heads_only)
   print(table(out))
-  path = os.path.join(f.workdir, 'block_probe.json')
+  path = os.path.join(f.workdir, 'block_probe_heads.json' if f.heads_only
+                      else 'block_probe.json')
   with open(path, 'w') as fh:
     json.dump(out, fh, indent=1)
   print(f'wrote {path}', file=sys.stderr)
@@ -282,5 +321,9 @@ if __name__ == '__main__':
   flags.DEFINE_list('blocks', [], 'blocks to probe (default: all)')
   flags.DEFINE_bool('by_steps', False, 'synthetic_scenes/paths: also score '
                     'per distance along the tubes (module docstring)')
+  flags.DEFINE_string('step_buckets', '0-2,3-5,6-8,9-11,12+', 'with '
+                      "--by_steps: the groups of steps ('a', 'a-b', 'a+')")
+  flags.DEFINE_bool('heads_only', False, 'score the model\'s own heads only '
+                    '(no probes)')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

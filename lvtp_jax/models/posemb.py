@@ -12,6 +12,10 @@ method is always explicit:
               bilinear, align_corners=False, no antialias.
 
 Prefix rows (CLS, dist) are never interpolated.
+
+`sincos2d` is the other kind of position embedding a ViT here can have
+(`ViT.posemb='sincos2d'`): fixed, not learnt, computed for whatever grid the
+image gives (nothing to resample), as ViTs trained from scratch often use.
 """
 
 import math
@@ -22,6 +26,43 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ('bicubic', 'bilinear')
+# The position embeddings a ViT can have: 'learn' (a parameter, timm's and
+# Segmenter's) or 'sincos2d' (fixed sines and cosines of the patch row and
+# column, see sincos2d).
+KINDS = ('learn', 'sincos2d')
+
+
+def sincos2d(grid_hw: Tuple[int, int], width: int,
+             temperature: float = 10000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding of a patch grid.
+
+  Patch (r, c) of an h x w grid gets the width-D row
+    [sin(r w_k), cos(r w_k), sin(c w_k), cos(c w_k)],  k = 0 .. D/4 - 1,
+  each a block of D/4 values, with frequencies w_k = temperature^(-k / (D/4))
+  (from 1 down towards 1 / temperature). The dot product of two rows
+  depends only on their offset (sum_k cos(dr w_k) + cos(dc w_k)), which is
+  what lets attention learn "my neighbour" from the start.
+
+  Args:
+    grid_hw: (h, w) patch grid.
+    width: D, a multiple of 4.
+    temperature: the slowest frequency's period scale.
+
+  Returns:
+    float32 [1, h * w, D], patches in row-major order.
+  """
+  if width % 4:
+    raise ValueError(f'posemb sincos2d needs a width divisible by 4 (sine and '
+                     f'cosine of row and column), got width {width}.')
+  h, w = grid_hw
+  quarter = width // 4
+  freq = temperature ** (-np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.meshgrid(np.arange(h, dtype=np.float64),
+                           np.arange(w, dtype=np.float64), indexing='ij')
+  r = rows.reshape(-1, 1) * freq
+  c = cols.reshape(-1, 1) * freq
+  table = np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1)
+  return table.astype(np.float32)[None]
 
 
 def grid_shape(num_patches: int) -> Tuple[int, int]:

@@ -151,6 +151,7 @@ class Segmenter(nn.Module):
   distilled: bool = False          # DeiT backbone with a dist token
   ln_eps: float = 1e-5             # official Segmenter LayerNorm eps
   posemb_resize: str = 'bilinear'  # official forward-time resize of pos_embed
+  posemb: str = 'learn'            # encoder position embedding (ViT.posemb)
   decoder: str = 'mask_transformer'  # see DECODERS
   decoder_depth: int = 2           # mask-transformer blocks
   aux_layers: Tuple[int, ...] = ()  # auxiliary heads after these blocks (1-based)
@@ -179,6 +180,7 @@ class Segmenter(nn.Module):
         mlp_dim=self.mlp_dim, patch_size=self.patch_size,
         img_size=self.img_size, num_classes=0, distilled=self.distilled,
         ln_eps=self.ln_eps, posemb_resize=self.posemb_resize,
+        posemb=self.posemb,
         drop_path_rate=self.drop_path_rate, dtype=self.dtype, name='encoder')
     if self.decoder == 'linear':
       self.decode_head = LinearDecoder(self.num_classes, self.dtype,

@@ -270,6 +270,9 @@ class ViT(nn.Module):
   distilled: bool = False          # DeiT distillation token and second head
   ln_eps: float = 1e-6             # timm 1e-6; Segmenter checkpoints 1e-5
   posemb_resize: str = 'bicubic'   # see posemb.METHODS; used when the grid differs
+  posemb: str = 'learn'            # posemb.KINDS: a learnt pos_embed, or fixed
+                                   # 2-D sine-cosines (no parameter; prefix
+                                   # tokens get none)
   layer_scale: bool = False        # per-block LayerScale gains (DeiT-III)
   no_embed_class: bool = False     # pos_embed holds patch rows only; the
                                    # prefix tokens get none (DeiT-III)
@@ -303,6 +306,12 @@ class ViT(nn.Module):
     if self.global_pool == 'avg' and self.distilled:
       raise ValueError('average pooling with a distillation token is not a '
                        'timm architecture; use global_pool="token".')
+    if self.posemb not in posemb_lib.KINDS:
+      raise ValueError(f'posemb={self.posemb!r}; expected one of '
+                       f'{posemb_lib.KINDS}.')
+    if self.posemb == 'sincos2d' and self.width % 4:
+      raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got "
+                       f'width {self.width}; use posemb=\'learn\'.')
     d = self.width
     self.patch_embed = PatchEmbed(d, self.patch_size, dtype=self.dtype,
                                   name='patch_embed')
@@ -312,7 +321,8 @@ class ViT(nn.Module):
       self.dist_token = self.param('dist_token', init, (1, 1, d))
     n = self.grid[0] * self.grid[1]
     rows = n if self.no_embed_class else self.num_prefix + n
-    self.pos_embed = self.param('pos_embed', init, (1, rows, d))
+    if self.posemb == 'learn':
+      self.pos_embed = self.param('pos_embed', init, (1, rows, d))
     self.blocks = [
         Block(self.num_heads, self.mlp_dim, self.ln_eps,
               self.drop_path_rate * i / max(self.depth - 1, 1),
@@ -340,6 +350,10 @@ class ViT(nn.Module):
     x = x.reshape(b, gh * gw, d)
     prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
     prefix = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
+    if self.posemb == 'sincos2d':   # the grid's own table; prefix: none
+      pe = jnp.asarray(posemb_lib.sincos2d((gh, gw), d), x.dtype)
+      return ts.init_state(jnp.concatenate(prefix + [x + pe], axis=1),
+                           self.num_prefix), (gh, gw)
     rows = 0 if self.no_embed_class else self.num_prefix
     pe = posemb_lib.resample_posemb(self.pos_embed, rows, (gh, gw),
                                     self.posemb_resize,

@@ -88,6 +88,7 @@ _NOT_ARCHITECTURE_FIELDS = ('init_from', 'random_init', 'dtype')
 # Fields added after runs were saved: a stored config without one had the
 # default, so resuming such a run is not refused for it.
 _DEFAULTS_OF_NEWER_FIELDS = {'model.dtype': 'float32',
+                             'model.posemb': 'learn',
                              'pruning.dense': 'source'}
 
 

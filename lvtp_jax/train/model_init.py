@@ -48,7 +48,8 @@ def _random_init_kwargs(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     raise ValueError(
         f'config.model needs a variant (e.g. "Ti/16") or non-zero {missing}.')
   return dict(kwargs, num_classes=cfg.num_classes, img_size=cfg.img_size,
-              decoder=cfg.decoder, decoder_depth=cfg.decoder_depth)
+              decoder=cfg.decoder, decoder_depth=cfg.decoder_depth,
+              posemb=cfg.get('posemb', 'learn'))
 
 
 def merge_params(loaded: Any, fresh: Any) -> Tuple[Any, List[str]]:
@@ -103,16 +104,17 @@ def _segmenter_from_backbone(vit: vit_lib.ViT, vit_params: Any,
       num_heads=vit.num_heads, mlp_dim=vit.mlp_dim,
       patch_size=vit.patch_size, img_size=cfg.img_size,
       distilled=vit.distilled, decoder=cfg.decoder,
-      decoder_depth=cfg.decoder_depth, **train_fields)
+      decoder_depth=cfg.decoder_depth, posemb=vit.posemb, **train_fields)
   if cfg.img_size % vit.patch_size:
     raise ValueError(f'model.img_size={cfg.img_size} is not a multiple of the '
                      f'backbone patch size {vit.patch_size}.')
   encoder = {k: v for k, v in vit_params.items()
              if k not in ('head', 'head_dist')}
   side = cfg.img_size // vit.patch_size
-  encoder['pos_embed'] = np.asarray(posemb_lib.resample_posemb(
-      np.asarray(encoder['pos_embed'], np.float32), vit.num_prefix,
-      (side, side), 'bilinear', old_hw=vit.grid))
+  if vit.posemb == 'learn':
+    encoder['pos_embed'] = np.asarray(posemb_lib.resample_posemb(
+        np.asarray(encoder['pos_embed'], np.float32), vit.num_prefix,
+        (side, side), 'bilinear', old_hw=vit.grid))
   return model, {'encoder': encoder}
 
 
@@ -127,6 +129,10 @@ def _check_shape(cfg: ml_collections.ConfigDict, source: Any) -> None:
   diffs = [f'model.{k}: {v} in the config, {getattr(source, k)} in '
            f'{cfg.init_from}' for k, v in sorted(wanted.items())
            if k in _SHAPE_FIELDS and getattr(source, k) != v]
+  wanted_posemb = cfg.get('posemb') or 'learn'
+  if getattr(source, 'posemb', 'learn') != wanted_posemb:
+    diffs.append(f'model.posemb: {wanted_posemb!r} in the config, '
+                 f'{getattr(source, "posemb", "learn")!r} in {cfg.init_from}')
   if diffs:
     raise ValueError(
         'config.model.init_from has another encoder shape than the config:'
