@@ -192,3 +192,28 @@ def test_drop_path_is_active_only_in_training():
   train = model.apply({'params': params}, x, train=True,
                       rngs={'dropout': jax.random.PRNGKey(0)})
   assert not np.allclose(train, eval_a)
+
+
+def test_runs_saved_before_the_posemb_field_still_load():
+  """A checkpoint written before model.posemb existed had a learnt position
+  embedding: resuming it and evaluating it with today's configs
+  (posemb='learn') is allowed, with 'sincos2d' refused."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from lvtp_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  class _Stored:   # stands in for orbax's CheckpointManager
+    def restore(self, step, args):
+      del step, args
+      return {'meta': {'config': {'model': {'width': 32}}, 'model': {}}}
+
+  for posemb, refused in (('learn', False), ('sincos2d', True)):
+    current = ml_collections.ConfigDict(
+        dict(model=dict(width=32, posemb=posemb)))
+    assert bool(checkpoint.config_differences(
+        {'model': {'width': 32}}, current)) == refused
+    if refused:
+      with pytest.raises(ValueError, match="model.posemb: 'learn' -> "
+                         "'sincos2d'"):
+        checkpoint._read_eval_meta(_Stored(), 'old_run', 7, current)  # pylint: disable=protected-access
+    else:
+      checkpoint._read_eval_meta(_Stored(), 'old_run', 7, current)  # pylint: disable=protected-access

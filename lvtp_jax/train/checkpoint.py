@@ -417,6 +417,10 @@ def _read_eval_meta(manager, directory: str, step: int,
     current = {k: v for k, v in json.loads(
         config.model.to_json_best_effort()).items()
                if k not in _NOT_ARCHITECTURE_FIELDS}
+    for key, default in _DEFAULTS_OF_NEWER_FIELDS.items():
+      section, _, field = key.partition('.')
+      if section == 'model' and field in current and field not in stored:
+        stored[field] = default   # saved before the field existed
     diffs = [f'model.{k}: {stored.get(k, "<absent>")!r} -> '
              f'{current.get(k, "<absent>")!r}'
              for k in sorted(set(stored) | set(current))
