@@ -35,9 +35,10 @@ arg (comma-separated):
             paths: synthetic_scenes/paths, the same with the tubes along
             the patch grid (a tube patch reaches its marker only through
             a chain of tube patches, up to 17 steps) | paths_short:
-            8-14 tubes of 2-5 cells, the first stage of a curriculum
-            (1000 steps; the second is scenes=paths with
-            --config.model.init_from=<its workdir>)
+            8-14 tubes of 2-5 cells, a curriculum's first stage
+            (1000 steps; the measured model then trained 2000 more on
+            the same scenes with --config.model.init_from=<its workdir>
+            and --config.train.num_steps=2000, docs/benchmark_seg.md)
   posemb    learn (default: a learnt position embedding, as timm and
             Segmenter) | sincos2d: fixed 2-D sine-cosines, whose dot
             products depend only on the offset between two patches
@@ -50,6 +51,7 @@ import os
 
 from lvtp_jax import config_args
 from lvtp_jax.evaluation import sweeps
+from lvtp_jax.models import posemb as posemb_lib
 
 
 SCENES = ('hard', 'shapes', 'snakes', 'paths', 'paths_short')
@@ -70,9 +72,9 @@ def get_config(arg=None):
   if arg.scenes not in SCENES:
     raise ValueError(f'configs/benchmark_seg.py: scenes={arg.scenes!r}; '
                      f'expected one of {SCENES}.')
-  if arg.posemb not in ('learn', 'sincos2d'):
+  if arg.posemb not in posemb_lib.KINDS:
     raise ValueError(f'configs/benchmark_seg.py: posemb={arg.posemb!r}; '
-                     "expected 'learn' or 'sincos2d'.")
+                     f'expected one of {posemb_lib.KINDS}.')
   base = _quickstart()
   testbed = arg.sweep in ('testbed', 'exits')
   config = base.get_config(f'sweep={"none" if testbed else arg.sweep}' +

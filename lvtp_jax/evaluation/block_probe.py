@@ -83,7 +83,7 @@ def block_tokens_fn(model, blocks: Tuple[int, ...]):
   return jax.jit(lambda p, x: model.apply({'params': p}, x, method=run))
 
 
-STEP_BUCKETS = ((0, 2), (3, 5), (6, 8), (9, 11), (12, None))
+STEP_BUCKETS_TEXT = '0-2,3-5,6-8,9-11,12+'   # --step_buckets' default
 
 
 def parse_buckets(text: str) -> Tuple[Tuple[int, Any], ...]:
@@ -107,6 +107,9 @@ def parse_buckets(text: str) -> Tuple[Tuple[int, Any], ...]:
       raise ValueError(f'--step_buckets: {part!r} is not a range of steps '
                        '>= 0.')
   return tuple(buckets)
+
+
+STEP_BUCKETS = parse_buckets(STEP_BUCKETS_TEXT)
 
 
 def collect(config, model, params, prep, split: str, num: int,
@@ -321,7 +324,7 @@ if __name__ == '__main__':
   flags.DEFINE_list('blocks', [], 'blocks to probe (default: all)')
   flags.DEFINE_bool('by_steps', False, 'synthetic_scenes/paths: also score '
                     'per distance along the tubes (module docstring)')
-  flags.DEFINE_string('step_buckets', '0-2,3-5,6-8,9-11,12+', 'with '
+  flags.DEFINE_string('step_buckets', STEP_BUCKETS_TEXT, 'with '
                       "--by_steps: the groups of steps ('a', 'a-b', 'a+')")
   flags.DEFINE_bool('heads_only', False, 'score the model\'s own heads only '
                     '(no probes)')

@@ -309,9 +309,6 @@ class ViT(nn.Module):
     if self.posemb not in posemb_lib.KINDS:
       raise ValueError(f'posemb={self.posemb!r}; expected one of '
                        f'{posemb_lib.KINDS}.')
-    if self.posemb == 'sincos2d' and self.width % 4:
-      raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got "
-                       f'width {self.width}; use posemb=\'learn\'.')
     d = self.width
     self.patch_embed = PatchEmbed(d, self.patch_size, dtype=self.dtype,
                                   name='patch_embed')

@@ -68,14 +68,23 @@ def _resumable(field: str) -> bool:
   return any(field == f or field.startswith(f + '.') for f in RESUMABLE_FIELDS)
 
 
+def _with_newer_defaults(old: Dict[str, Any], new: Dict[str, Any],
+                         section: str = '') -> Dict[str, Any]:
+  """`old` (a stored config, flat keys below `section`, e.g. 'model.')
+  with the defaults of the fields `new` has and it was saved without."""
+  old = dict(old)
+  for key, default in _DEFAULTS_OF_NEWER_FIELDS.items():
+    field = key[len(section):]
+    if key.startswith(section) and field in new and field not in old:
+      old[field] = default
+  return old
+
+
 def config_differences(stored: Dict[str, Any],
                        current: ml_collections.ConfigDict) -> List[str]:
   """'field: stored -> current' for every non-resumable field that differs."""
-  old = _flatten(stored)
   new = _flatten(json.loads(current.to_json_best_effort()))
-  for key, default in _DEFAULTS_OF_NEWER_FIELDS.items():
-    if key in new and key not in old:   # saved before the field existed
-      old[key] = default
+  old = _with_newer_defaults(_flatten(stored), new)
   return [f'{k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}'
           for k in sorted(set(old) | set(new))
           if not _resumable(k) and old.get(k) != new.get(k)]
@@ -417,10 +426,7 @@ def _read_eval_meta(manager, directory: str, step: int,
     current = {k: v for k, v in json.loads(
         config.model.to_json_best_effort()).items()
                if k not in _NOT_ARCHITECTURE_FIELDS}
-    for key, default in _DEFAULTS_OF_NEWER_FIELDS.items():
-      section, _, field = key.partition('.')
-      if section == 'model' and field in current and field not in stored:
-        stored[field] = default   # saved before the field existed
+    stored = _with_newer_defaults(stored, current, 'model.')
     diffs = [f'model.{k}: {stored.get(k, "<absent>")!r} -> '
              f'{current.get(k, "<absent>")!r}'
              for k in sorted(set(stored) | set(current))

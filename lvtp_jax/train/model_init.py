@@ -130,9 +130,9 @@ def _check_shape(cfg: ml_collections.ConfigDict, source: Any) -> None:
            f'{cfg.init_from}' for k, v in sorted(wanted.items())
            if k in _SHAPE_FIELDS and getattr(source, k) != v]
   wanted_posemb = cfg.get('posemb') or 'learn'
-  if getattr(source, 'posemb', 'learn') != wanted_posemb:
+  if source.posemb != wanted_posemb:
     diffs.append(f'model.posemb: {wanted_posemb!r} in the config, '
-                 f'{getattr(source, "posemb", "learn")!r} in {cfg.init_from}')
+                 f'{source.posemb!r} in {cfg.init_from}')
   if diffs:
     raise ValueError(
         'config.model.init_from has another encoder shape than the config:'
