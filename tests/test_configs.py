@@ -201,9 +201,9 @@ def test_benchmark_seg_scenes_and_posemb_args():
       config.model), aux_layers=tuple(config.model.aux_layers))
   assert model.posemb == 'sincos2d'
   assert mod.get_config().model.posemb == 'learn'   # the default
-  short = mod.get_config('scenes=paths_short')   # a curriculum's first stage
+  short = mod.get_config('scenes=paths_short')
   assert (short.data.name, short.train.num_steps) == (
-      'synthetic_scenes/paths_short', 1000)
+      'synthetic_scenes/paths_short', 3300)
   with pytest.raises(ValueError, match="posemb='rope'"):
     mod.get_config('posemb=rope')
   with pytest.raises(ValueError, match="scenes='lines'"):
