@@ -37,7 +37,8 @@ arg (comma-separated):
             a chain of tube patches, up to 17 steps) | paths_short:
             8-14 tubes of 2-5 cells, 3300 steps in one run (59 min on 2
             CPU cores; with posemb=sincos2d, the measured model of
-            docs/benchmark_seg.md)
+            docs/benchmark_seg.md) | paths_dense: 20-30 such tubes, a
+            third of the cells (3200 steps)
   posemb    learn (default: a learnt position embedding, as timm and
             Segmenter) | sincos2d: fixed 2-D sine-cosines, whose dot
             products depend only on the offset between two patches
@@ -53,7 +54,7 @@ from lvtp_jax.evaluation import sweeps
 from lvtp_jax.models import posemb as posemb_lib
 
 
-SCENES = ('hard', 'shapes', 'snakes', 'paths', 'paths_short')
+SCENES = ('hard', 'shapes', 'snakes', 'paths', 'paths_short', 'paths_dense')
 
 
 def _quickstart():
@@ -96,8 +97,10 @@ def get_config(arg=None):
   # 'paths' trains 3000 steps: its chains take longer to learn (about
   # 50 min on 2 CPU cores); 'paths_short' 3300 (the late blocks start to
   # add accuracy only in the last quarter; 59 min); the others keep
-  # their documented 2500.
-  steps = {'paths': 3000, 'paths_short': 3300}.get(arg.scenes, 2500)
+  # their documented 2500; 'paths_dense' 3200 (a little under 60 min,
+  # with room for a probe beside it).
+  steps = {'paths': 3000, 'paths_short': 3300,
+           'paths_dense': 3200}.get(arg.scenes, 2500)
   config.train.update(dict(num_steps=steps, warmup_steps=100, batch_size=16,
                            checkpoint_every=250, eval_every=500,
                            eval_examples=100))

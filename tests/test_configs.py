@@ -204,6 +204,9 @@ def test_benchmark_seg_scenes_and_posemb_args():
   short = mod.get_config('scenes=paths_short')
   assert (short.data.name, short.train.num_steps) == (
       'synthetic_scenes/paths_short', 3300)
+  dense = mod.get_config('scenes=paths_dense')
+  assert (dense.data.name, dense.train.num_steps) == (
+      'synthetic_scenes/paths_dense', 3200)
   with pytest.raises(ValueError, match="posemb='rope'"):
     mod.get_config('posemb=rope')
   with pytest.raises(ValueError, match="scenes='lines'"):

@@ -103,7 +103,8 @@ def test_snakes_take_the_class_of_their_marker_far_away():
 
 
 @pytest.mark.parametrize('layout, tubes, length', [
-    ('long', (3, 6), (5, 18)), ('short', (5, 14), (2, 5))])
+    ('long', (3, 6), (5, 18)), ('short', (5, 14), (2, 5)),
+    ('dense', (14, 30), (2, 5))])
 def test_paths_are_chains_of_patches_led_by_their_marker(layout, tubes,
                                                          length):
   """The 'paths' config ('long' layout) and 'paths_short' ('short'): every

@@ -496,9 +496,12 @@ PATH_CELL = 8   # Grid step of the paths in pixels (the test bed's patch size).
 # 'paths_short', the first stage of a curriculum: many short tubes, so
 # that almost every tube patch is 1-4 steps from its marker and, with
 # every class's marker in most images, guessing among the markers present
-# no longer pays.
+# no longer pays. 'dense' is 'short' with 20-30 tubes: about a third of
+# the cells are tube cells (twice 'short'), so twice the patches whose
+# label needs a neighbour, and every class's marker several times per image.
 PATH_LAYOUTS = {'long': dict(count=(3, 6), cells=(5, 18)),
-                'short': dict(count=(8, 14), cells=(2, 5))}
+                'short': dict(count=(8, 14), cells=(2, 5)),
+                'dense': dict(count=(20, 30), cells=(2, 5))}
 
 
 def _grid_path(c: _Canvas, blocked: np.ndarray, length: int) -> list:
@@ -633,7 +636,8 @@ def generate_example(
       class is the colour of a marker at one end (`_paint_paths`; the
       'paths' config). At most one of snakes and paths.
     path_layout: with paths, a key of PATH_LAYOUTS: 'long' (the 'paths'
-      config) or 'short' (8-14 tubes of 2-5 cells; 'paths_short').
+      config), 'short' (8-14 tubes of 2-5 cells; 'paths_short') or
+      'dense' (20-30 tubes of 2-5 cells, as many as fit; 'paths_dense').
 
   Returns:
     image: uint8 [S, S, 3] RGB.

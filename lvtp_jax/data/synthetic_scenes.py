@@ -20,6 +20,8 @@ Configs (image size 128, i.e. an 8x8 token grid with 16x16 patches):
   patches.
 * 'paths_short': 'paths' with 8-14 tubes of 2-5 cells, the first stage
   of a curriculum (docs/benchmark_seg.md).
+* 'paths_dense': 'paths_short' with 20-30 tubes (about a third of the
+  cells are tube cells).
 * 'tiny': 32 train / 16 validation / 8 selection images, for tests.
 
 The 'selection' split is held out from training and from the reported
@@ -130,6 +132,11 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
           description=("'paths' with 8-14 tubes of 2-5 cells: the first "
                        'stage of a curriculum (every tube patch 1-4 steps '
                        'from its marker; most images show every class).')),
+      _testbed_config(
+          'paths_dense', difficulty=1.5, paths=True, path_layout='dense',
+          description=("'paths_short' with 20-30 tubes of 2-5 cells (as "
+                       'many as fit, one free cell apart): about a third of '
+                       'the cells are tube cells, twice as many.')),
       SyntheticScenesConfig(
           name='tiny', num_train=32, num_validation=16, num_selection=8,
           description=('32 train / 16 validation / 8 selection, 128x128, '

@@ -217,8 +217,9 @@ def _paths_steps(config, model):
          if family == 'synthetic_scenes' and variant else None)
   if cfg is None or not cfg.paths:
     raise ValueError(f'--by_steps needs config.data.name='
-                     f"'synthetic_scenes/paths' or 'synthetic_scenes/"
-                     f"paths_short' (got {name!r}): only those scenes have "
+                     f"'synthetic_scenes/paths', 'synthetic_scenes/"
+                     f"paths_short' or 'paths_dense' (got {name!r}): only "
+                     'those scenes have '
                      'chains to count steps along.')
   if model.patch_size != scene_generator.PATH_CELL:
     raise ValueError(f'--by_steps: the model\'s patch size '
