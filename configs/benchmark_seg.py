@@ -96,9 +96,8 @@ def get_config(arg=None):
   config.data.name = f'synthetic_scenes/{arg.scenes}'
   # 'paths' trains 3000 steps: its chains take longer to learn (about
   # 50 min on 2 CPU cores); 'paths_short' 3300 (the late blocks start to
-  # add accuracy only in the last quarter; 59 min); the others keep
-  # their documented 2500; 'paths_dense' 3200 (a little under 60 min,
-  # with room for a probe beside it).
+  # add accuracy only in the last quarter; 59 min); 'paths_dense' 3200
+  # (57 min); the others keep their documented 2500.
   steps = {'paths': 3000, 'paths_short': 3300,
            'paths_dense': 3200}.get(arg.scenes, 2500)
   config.train.update(dict(num_steps=steps, warmup_steps=100, batch_size=16,

@@ -216,11 +216,12 @@ def _paths_steps(config, model):
   cfg = (synthetic_scenes.builder_config(variant)
          if family == 'synthetic_scenes' and variant else None)
   if cfg is None or not cfg.paths:
-    raise ValueError(f'--by_steps needs config.data.name='
-                     f"'synthetic_scenes/paths', 'synthetic_scenes/"
-                     f"paths_short' or 'paths_dense' (got {name!r}): only "
-                     'those scenes have '
-                     'chains to count steps along.')
+    chains = [f'synthetic_scenes/{c.name}'
+              for c in synthetic_scenes.SyntheticScenes.BUILDER_CONFIGS
+              if c.paths]
+    raise ValueError(f'--by_steps needs config.data.name in {chains} (got '
+                     f'{name!r}): only those scenes have chains to count '
+                     'steps along.')
   if model.patch_size != scene_generator.PATH_CELL:
     raise ValueError(f'--by_steps: the model\'s patch size '
                      f'{model.patch_size} is not the paths\' cell '
